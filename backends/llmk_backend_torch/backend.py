@@ -1,0 +1,51 @@
+"""PyTorch backend: Hugging Face transformers models in eager PyTorch."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from llmk.artifact import Artifact
+from llmk.backend import Backend, BackendOptions, Runner
+from llmk.errors import SourceError
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class TorchOptions(BackendOptions):
+    #: Attention kernel; "eager" is the reference, "sdpa" PyTorch's fused one.
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    #: Intra-op CPU threads; 0 keeps PyTorch's default (one per core).
+    threads: int = 0
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    requires = ("torch", "transformers")
+    install = "pip install torch==2.13.0 transformers"
+    speed_rank: ClassVar[dict[str, int]] = {"cpu": 10, "cuda": 100}
+    Options = TorchOptions
+
+    @classmethod
+    def devices(cls) -> list[str]:
+        import torch
+
+        cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        return [*cuda, "cpu"]
+
+    def load(self, artifact: Artifact, *, device: str, dtype: str, options: TorchOptions) -> Runner:
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        from llmk_backend_torch.runner import TorchRunner
+
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        auto = AutoModelForCausalLM if artifact.task == "generate" else AutoModel
+        try:
+            model = auto.from_pretrained(
+                str(artifact.path), dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=options.attention
+            )
+        except (OSError, ValueError, RuntimeError) as error:
+            raise SourceError(artifact.source, f"cannot load weights from {artifact.path}: {error}") from error
+        model.to(device).eval()
+        return TorchRunner(model, artifact.task, device)

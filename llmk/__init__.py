@@ -1,0 +1,74 @@
+"""llmk: a plugin-based LLM kernel.
+
+``import llmk`` is cheap and has no side effects: the public names below are
+imported on first use, and no plugin is discovered until a ``Kernel`` is made.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from llmk.hookspecs import hookimpl, hookspec
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Kernel": "llmk.kernel",
+    "ModelHandle": "llmk.handle",
+    "Backend": "llmk.backend",
+    "BackendOptions": "llmk.backend",
+    "Runner": "llmk.backend",
+    "DecodeState": "llmk.backend",
+    "Optimizer": "llmk.optimizer",
+    "PassOptions": "llmk.optimizer",
+    "Artifact": "llmk.artifact",
+    "ModelSpec": "llmk.spec",
+    "PassSpec": "llmk.spec",
+    "GenerationResult": "llmk.generation",
+    "StreamChunk": "llmk.generation",
+    "SamplingParams": "llmk.generation",
+    "LlmkError": "llmk.errors",
+    "PluginError": "llmk.errors",
+    "UnknownNameError": "llmk.errors",
+    "DuplicateNameError": "llmk.errors",
+    "BackendUnavailableError": "llmk.errors",
+    "SourceError": "llmk.errors",
+    "OptionsError": "llmk.errors",
+    "UnsupportedError": "llmk.errors",
+    "ModelNotFoundError": "llmk.errors",
+    "ModelLoadError": "llmk.errors",
+}
+
+__all__ = ["hookimpl", "hookspec", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from llmk.artifact import Artifact
+    from llmk.backend import Backend, BackendOptions, DecodeState, Runner
+    from llmk.errors import (
+        BackendUnavailableError,
+        DuplicateNameError,
+        LlmkError,
+        ModelLoadError,
+        ModelNotFoundError,
+        OptionsError,
+        PluginError,
+        SourceError,
+        UnknownNameError,
+        UnsupportedError,
+    )
+    from llmk.generation import GenerationResult, SamplingParams, StreamChunk
+    from llmk.handle import ModelHandle
+    from llmk.kernel import Kernel
+    from llmk.optimizer import Optimizer, PassOptions
+    from llmk.spec import ModelSpec, PassSpec

@@ -1,0 +1,140 @@
+"""The ``Backend`` interface: a runtime that loads an artifact onto a device.
+
+A backend only turns token ids into logits (or hidden states). Tokenizing,
+chat templates, sampling, stop sequences, streaming, perplexity and pooling live
+in the core (``llmk.generation``), shared by every backend, which is what makes
+greedy output token-identical across runtimes and lets one scheduler batch
+requests for any of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from llmk.errors import UnsupportedError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from llmk.artifact import Artifact, Task
+
+
+def missing_modules(modules: tuple[str, ...]) -> str | None:
+    """The reason a plugin cannot run here, found without importing anything."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return f"missing Python module(s): {', '.join(missing)}" if missing else None
+
+
+class BackendOptions(BaseModel):
+    """Base of a backend's own options; each backend nests a subclass as ``Options``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Backend(ABC):
+    """A runtime plugin. Subclass it, set the class attributes, implement ``load``.
+
+    Capabilities are class attributes so that ``llmk plugins`` and ``auto``
+    selection can read them without importing the runtime.
+    """
+
+    #: Unique name users pass as ``backend=``.
+    name: ClassVar[str]
+    #: What artifacts ``load`` accepts; an ``hf`` source is first passed to ``export``.
+    artifact_format: ClassVar[str] = "hf"
+    #: Tasks this backend serves.
+    tasks: ClassVar[frozenset[Task]] = frozenset({"generate", "embed"})
+    #: Importable modules the runtime needs, checked by ``availability``.
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: The exact install line shown when the runtime is missing.
+    install: ClassVar[str] = ""
+    #: For ``backend="auto"``: higher is faster, per device type ("cpu", "cuda"),
+    #: comparable across backends and device types; a device type missing here is
+    #: not supported. Measured: see docs/BENCHMARKS.md.
+    speed_rank: ClassVar[dict[str, int]] = {"cpu": 0}
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+
+    @classmethod
+    def availability(cls) -> str | None:
+        """``None`` when usable here, else the reason (without importing the runtime)."""
+        return missing_modules(cls.requires)
+
+    @classmethod
+    def devices(cls) -> list[str]:
+        """Devices this backend can use here, best first. May import the runtime."""
+        return ["cpu"] if "cpu" in cls.speed_rank else []
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        """Runtime versions; part of every cache key built by this backend."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        found = {}
+        for module in cls.requires:
+            try:
+                found[module] = version(module)
+            except PackageNotFoundError:
+                found[module] = "unknown"
+        return found
+
+    def export(self, source: Artifact, out_dir: Path, *, dtype: str) -> None:
+        """Write ``source`` (an ``hf`` artifact) into ``out_dir`` in ``artifact_format``.
+
+        Called only when the formats differ, inside an atomic cache build, so a
+        failure or a kill leaves nothing half-written behind.
+        """
+        raise UnsupportedError(f"backend {self.name!r} cannot export {source.format!r} artifacts")
+
+    @abstractmethod
+    def load(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions) -> Runner:
+        """Load ``artifact`` on ``device`` (a concrete one such as ``cpu`` or ``cuda:0``)."""
+
+
+class DecodeState(ABC):
+    """A batch of sequences in flight on one runner (its KV cache and positions)."""
+
+    @abstractmethod
+    def select(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order), dropping finished sequences."""
+
+
+class Runner(ABC):
+    """A model loaded by a backend on a device.
+
+    Generation models implement ``prefill``, ``decode`` and ``logits``; encoder
+    models implement ``encode``. All arrays are NumPy, float32, on the host.
+    """
+
+    task: Task
+    device: str
+    #: Longest sequence (prompt + generated tokens) the model accepts.
+    max_context: int = 2048
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[DecodeState, np.ndarray]:
+        """Run whole prompts (of any lengths) and return the state and the
+        logits of each prompt's last token, shape ``[batch, vocab]``."""
+        raise UnsupportedError(f"{type(self).__name__} does not generate")
+
+    def decode(self, state: DecodeState, tokens: list[int]) -> np.ndarray:
+        """Feed one token per sequence; return the next logits ``[batch, vocab]``."""
+        raise UnsupportedError(f"{type(self).__name__} does not generate")
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Logits for every position of one sequence, ``[len, vocab]``."""
+        raise UnsupportedError(f"{type(self).__name__} does not score text")
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Last hidden states ``[batch, len, hidden]`` of a padded batch."""
+        raise UnsupportedError(f"{type(self).__name__} does not embed")
+
+    def memory_bytes(self) -> int:
+        """Memory the loaded model holds (weights and buffers)."""
+        return 0
+
+    def close(self) -> None:
+        """Release the model's memory. The runner is not used afterwards."""

@@ -1,0 +1,254 @@
+"""Generation, scoring and embedding on top of any ``Runner``.
+
+Backends only produce logits; everything a user can observe about the output —
+sampling, seeds, stop sequences, streaming, finish reasons, perplexity, pooling —
+happens here, once, so all backends behave identically.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmk.errors import OptionsError, UnsupportedError, format_validation_error
+from llmk.tokenizer import Detokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from llmk.backend import Runner
+
+FinishReason = Literal["stop", "length"]
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens. ``temperature=0`` is greedy; a ``seed`` makes sampling reproducible."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(256, ge=1, le=1_000_000)
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 keeps every token")
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, **fields: Any) -> SamplingParams:
+        if isinstance(fields.get("stop"), str):
+            fields["stop"] = (fields["stop"],)
+        try:
+            return cls.model_validate({k: v for k, v in fields.items() if v is not None})
+        except ValidationError as error:
+            raise OptionsError("generation", format_validation_error(error)) from None
+
+
+@dataclass
+class GenerationResult:
+    """One finished completion."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    seconds: float = 0.0
+    first_token_seconds: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class StreamChunk:
+    """A piece of a streamed completion; the last one carries ``finish_reason``."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Pick the next token from one row of logits."""
+    import numpy as np
+
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))
+    scores = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < scores.shape[-1]:
+        kth = np.partition(scores, -params.top_k)[-params.top_k]
+        scores[scores < kth] = -np.inf
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
+        kept = np.zeros_like(probs)
+        kept[keep] = probs[keep]
+        probs = kept / kept.sum()
+    return int(rng.choice(probs.shape[-1], p=probs))
+
+
+class _Sequence:
+    """One prompt being completed: its tokens, text and stop state."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, max_context: int):
+        import numpy as np
+
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self.ids: list[int] = []
+        self.text = ""  # everything decoded so far, stop sequences not yet cut
+        self.emitted = 0  # how much of ``text`` was handed out
+        self.finish: FinishReason | None = None
+        self.budget = min(params.max_tokens, max_context - len(prompt_ids))
+        self._detok = Detokenizer(tokenizer, prompt_ids)
+        self._eos = tokenizer.eos_ids
+        self._hold = max((len(s) for s in params.stop), default=1) - 1
+
+    def push(self, token: int) -> StreamChunk:
+        self.ids.append(token)
+        if token in self._eos:
+            self.finish = "stop"
+        else:
+            self.text += self._detok.push(token)
+            for stop in self.params.stop:
+                cut = self.text.find(stop, max(0, self.emitted - len(stop)))
+                if cut != -1:
+                    self.text, self.finish = self.text[:cut], "stop"
+                    break
+        if self.finish is None and len(self.ids) >= self.budget:
+            self.finish = "length"
+        # Hold back a tail that may still become a stop sequence.
+        end = len(self.text) if self.finish or not self.params.stop else max(self.emitted, len(self.text) - self._hold)
+        piece, self.emitted = self.text[self.emitted:end], end
+        return StreamChunk(piece, [token], self.finish)
+
+
+class Engine:
+    """A runner plus its tokenizer: what one loaded model version can do.
+
+    Runner calls are serialized per step (not per request), so concurrent
+    requests interleave their decode steps instead of waiting for each other.
+    """
+
+    def __init__(self, runner: Runner, tokenizer: Tokenizer):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    # -- generation -------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise OptionsError("generation", "the prompt is empty")
+        if len(ids) >= self.runner.max_context:
+            raise OptionsError(
+                "generation", f"the prompt has {len(ids)} tokens; the model's context is {self.runner.max_context}"
+            )
+        return ids
+
+    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[tuple[int, StreamChunk]]]:
+        """Complete ``prompts`` as one batch; yields, per step, ``(index, chunk)``
+        for every sequence that produced a token."""
+        if self.runner.task != "generate":
+            raise UnsupportedError("this model embeds text; it does not generate")
+        seqs = [_Sequence(p, q, self.tokenizer, self.runner.max_context) for p, q in zip(prompts, params)]
+        with self._lock:
+            state, logits = self.runner.prefill(prompts)
+        rows = list(range(len(seqs)))  # rows[i] = index of the sequence in batch row i
+        while True:
+            events = []
+            for row, index in enumerate(rows):
+                events.append((index, seqs[index].push(sample(logits[row], seqs[index].params, seqs[index].rng))))
+            yield events
+            keep = [row for row, index in enumerate(rows) if seqs[index].finish is None]
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                state.select(keep)
+                rows = [rows[row] for row in keep]
+            with self._lock:
+                logits = self.runner.decode(state, [seqs[index].ids[-1] for index in rows])
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
+        started = time.perf_counter()
+        first: dict[int, float] = {}
+        texts = ["" for _ in prompts]
+        ids: list[list[int]] = [[] for _ in prompts]
+        reasons: list[Any] = [None for _ in prompts]
+        for events in self.run(prompts, params):
+            for index, chunk in events:
+                first.setdefault(index, time.perf_counter() - started)
+                texts[index] += chunk.text
+                ids[index] += chunk.token_ids
+                reasons[index] = chunk.finish_reason or reasons[index]
+        seconds = time.perf_counter() - started
+        return [
+            GenerationResult(texts[i], ids[i], reasons[i], len(prompts[i]), seconds, first.get(i, 0.0))
+            for i in range(len(prompts))
+        ]
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
+        for events in self.run([prompt], [params]):
+            for _, chunk in events:
+                yield chunk
+
+    # -- scoring ----------------------------------------------------------
+    def perplexity(self, text: str) -> float:
+        """exp(mean negative log-likelihood) of ``text``; long texts are scored in
+        overlapping windows (half-window stride), each token counted once."""
+        import numpy as np
+
+        ids = self.tokenizer.encode(text)
+        if len(ids) < 2:
+            raise OptionsError("perplexity", "the text needs at least two tokens")
+        window = min(self.runner.max_context, 1024)
+        stride = window // 2
+        total, count, scored_to = 0.0, 0, 1  # position 0 has no prediction
+        start = 0
+        while scored_to < len(ids):
+            chunk = ids[start:start + window]
+            with self._lock:
+                logits = self.runner.logits(chunk).astype(np.float64)
+            # logits[t] predicts chunk[t + 1]; score only positions not yet counted.
+            first = scored_to - start
+            targets = np.array(chunk[first:])
+            rows = logits[first - 1:len(chunk) - 1]
+            shift = rows.max(axis=-1, keepdims=True)
+            logsumexp = np.log(np.exp(rows - shift).sum(axis=-1)) + shift[:, 0]
+            total += float((logsumexp - rows[np.arange(len(targets)), targets]).sum())
+            count += len(targets)
+            scored_to = start + len(chunk)
+            start += stride
+        return math.exp(total / count)
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Mean-pooled, L2-normalized sentence embeddings (sentence-transformers' recipe)."""
+        import numpy as np
+
+        if self.runner.task != "embed":
+            raise UnsupportedError("this model generates text; load an embedding model to embed")
+        if not texts:
+            return []
+        input_ids, mask = self.tokenizer.batch(list(texts))
+        with self._lock:
+            hidden = self.runner.encode(input_ids, mask).astype(np.float64)
+        weights = mask[:, :, None].astype(np.float64)
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+        return (pooled / norms).tolist()

@@ -1,0 +1,210 @@
+"""``ModelHandle``: what ``Kernel.load`` returns and host apps call.
+
+A handle names a model rather than holding one: every call leases the version
+that is current *when the call starts* and keeps it until the call (or stream)
+ends. After a hot-swap the same handle serves the new version, while calls that
+were already running finish on the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, overload
+
+from llmk.errors import OptionsError
+from llmk.generation import GenerationResult, SamplingParams, StreamChunk
+
+if TYPE_CHECKING:
+    from llmk.kernel import Kernel
+    from llmk.lifecycle import ModelVersion
+
+Messages = Sequence[dict[str, Any]]
+
+
+def _check_messages(messages: Messages) -> list[dict[str, Any]]:
+    if not messages:
+        raise OptionsError("chat", "messages is empty")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise OptionsError("chat", f"messages[{i}] needs a string 'role'")
+        if not isinstance(message.get("content"), str):
+            raise OptionsError("chat", f"messages[{i}] needs a string 'content'")
+    return [dict(m) for m in messages]
+
+
+class ModelHandle:
+    """Generate, chat, stream, embed and score with the model loaded as ``name``."""
+
+    def __init__(self, kernel: Kernel, name: str):
+        self._kernel = kernel
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<ModelHandle {self.name!r}>"
+
+    @property
+    def version(self) -> ModelVersion:
+        """The version serving right now (a snapshot; it may be swapped later)."""
+        return self._kernel._current(self.name)
+
+    def status(self) -> dict[str, Any]:
+        return self.version.status()
+
+    @contextmanager
+    def _lease(self) -> Iterator[ModelVersion]:
+        version = self._kernel._current(self.name)
+        version.lease()
+        try:
+            yield version
+        except Exception:
+            version.counters.errors += 1
+            raise
+        finally:
+            version.release()
+
+    @staticmethod
+    def _count(version: ModelVersion, results: list[GenerationResult]) -> None:
+        version.counters.requests += 1
+        version.counters.tokens_in += sum(r.prompt_tokens for r in results)
+        version.counters.tokens_out += sum(r.completion_tokens for r in results)
+
+    # -- generation ---------------------------------------------------------
+    @overload
+    def generate(self, prompt: str, **params: Any) -> GenerationResult: ...
+    @overload
+    def generate(self, prompt: list[str], **params: Any) -> list[GenerationResult]: ...
+
+    def generate(self, prompt: str | list[str], *, max_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None) -> GenerationResult | list[GenerationResult]:
+        """Complete a prompt, or a list of prompts as one batch (each result is
+        the same as completing that prompt alone, greedy or with the same seed)."""
+        params = SamplingParams.build(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                      seed=seed, stop=stop)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise OptionsError("generation", "no prompts given")
+        with self._lease() as version:
+            engine = version.engine
+            ids = [engine.prompt_ids(p) for p in prompts]
+            results = engine.generate(ids, [params] * len(ids))
+            self._count(version, results)
+        return results[0] if isinstance(prompt, str) else results
+
+    def chat(self, messages: Messages, **params: Any) -> GenerationResult:
+        """Answer a conversation, formatted with the model's chat template."""
+        with self._lease() as version:
+            ids = version.engine.prompt_ids(version.engine.tokenizer.apply_chat_template(_check_messages(messages)))
+            (result,) = version.engine.generate([ids], [SamplingParams.build(**params)])
+            self._count(version, [result])
+        return result
+
+    def stream(self, prompt: str, **params: Any) -> Iterator[StreamChunk]:
+        """Yield the completion piece by piece as tokens are generated."""
+        return self._stream(lambda engine: engine.prompt_ids(prompt), SamplingParams.build(**params))
+
+    def chat_stream(self, messages: Messages, **params: Any) -> Iterator[StreamChunk]:
+        """``chat`` streamed piece by piece."""
+        messages = _check_messages(messages)
+        return self._stream(lambda engine: engine.prompt_ids(engine.tokenizer.apply_chat_template(messages)),
+                            SamplingParams.build(**params))
+
+    def _stream(self, make_ids: Any, params: SamplingParams) -> Iterator[StreamChunk]:
+        # Validate and lease now, not at the first next(): errors surface at the call.
+        version = self._kernel._current(self.name)
+        version.lease()
+        try:
+            ids = make_ids(version.engine)
+        except Exception:
+            version.release()
+            raise
+        return self._stream_leased(version, ids, params)
+
+    def _stream_leased(self, version: ModelVersion, ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
+        produced = 0
+        try:
+            for chunk in version.engine.stream(ids, params):
+                produced += len(chunk.token_ids)
+                yield chunk
+        except Exception:
+            version.counters.errors += 1
+            raise
+        finally:
+            version.counters.requests += 1
+            version.counters.tokens_in += len(ids)
+            version.counters.tokens_out += produced
+            version.release()
+
+    # -- embeddings and scoring -----------------------------------------------
+    def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """Sentence embeddings (L2-normalized), one vector per text."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        with self._lease() as version:
+            vectors = version.engine.embed(texts)
+            version.counters.requests += 1
+        return vectors
+
+    def perplexity(self, text: str) -> float:
+        """Perplexity of the model on ``text`` (lower is better)."""
+        with self._lease() as version:
+            value = version.engine.perplexity(text)
+            version.counters.requests += 1
+        return value
+
+    # -- async variants, for host apps running an event loop -------------------
+    async def agenerate(self, prompt: str | list[str], **params: Any) -> Any:
+        return await asyncio.to_thread(self.generate, prompt, **params)
+
+    async def achat(self, messages: Messages, **params: Any) -> GenerationResult:
+        return await asyncio.to_thread(self.chat, messages, **params)
+
+    async def aembed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        return await asyncio.to_thread(self.embed, texts)
+
+    async def aperplexity(self, text: str) -> float:
+        return await asyncio.to_thread(self.perplexity, text)
+
+    def astream(self, prompt: str, **params: Any) -> AsyncIterator[StreamChunk]:
+        return _to_async(lambda: self.stream(prompt, **params))
+
+    def achat_stream(self, messages: Messages, **params: Any) -> AsyncIterator[StreamChunk]:
+        return _to_async(lambda: self.chat_stream(messages, **params))
+
+
+async def _to_async(make: Any) -> AsyncIterator[StreamChunk]:
+    """Run a blocking chunk iterator in a worker thread; stopping early (or the
+    consumer being cancelled) stops the generation after its current step."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            iterator = make()
+            try:
+                for chunk in iterator:
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                    if stop.is_set():
+                        break
+            finally:
+                iterator.close()
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+        except BaseException as error:  # handed to the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, error)
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        await asyncio.shield(worker)

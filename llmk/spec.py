@@ -1,0 +1,100 @@
+"""What to load: the validated description of one model version.
+
+The same ``ModelSpec`` comes from ``Kernel.load(...)`` keywords, the daemon's
+YAML config and the admin API, so all three refuse bad input the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmk.errors import OptionsError, format_validation_error
+
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class PassSpec(BaseModel):
+    """One optimization pass in a pipeline: its name and raw options.
+
+    The options are validated against the pass's own ``Options`` model when the
+    pipeline is built, so that the error can name the pass.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: Any) -> PassSpec:
+        """Accept ``"quantize"``, ``"quantize:bits=4,group_size=64"`` (the CLI
+        form), ``{"quantize": {"bits": 4}}`` (the YAML shorthand) or the full
+        ``{"name": ..., "options": ...}``."""
+        if isinstance(value, PassSpec):
+            return value
+        if isinstance(value, str):
+            name, _, rest = value.partition(":")
+            options: dict[str, Any] = {}
+            for item in filter(None, (part.strip() for part in rest.split(","))):
+                key, sep, raw = item.partition("=")
+                if not sep or not key.strip():
+                    raise OptionsError(f"pass {name!r}", f"expected key=value, got {item!r}")
+                options[key.strip()] = _scalar(raw.strip())
+            return cls(name=name.strip(), options=options)
+        if isinstance(value, dict) and len(value) == 1 and "name" not in value:
+            ((name, options),) = value.items()
+            return cls(name=name, options=options or {})
+        return cls.model_validate(value)
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+
+
+def _scalar(raw: str) -> Any:
+    """``4`` -> 4, ``0.5`` -> 0.5, ``true`` -> True, anything else stays text."""
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+class ModelSpec(BaseModel):
+    """A model version: where it comes from and how it is served."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="builtin:NAME, a model directory or a .gguf file")
+    backend: str = Field("auto", description="a backend name, or auto for the fastest available")
+    device: str = Field("auto", description="cpu, cuda, cuda:N, or auto")
+    dtype: Dtype = "auto"
+    passes: tuple[PassSpec, ...] = ()
+    options: dict[str, Any] = Field(default_factory=dict, description="backend options")
+    max_batch_size: int = Field(8, ge=1, le=256)
+
+    @field_validator("passes", mode="before")
+    @classmethod
+    def _parse_passes(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, (str, dict)):
+            value = [value]
+        return tuple(PassSpec.parse(item) for item in value)
+
+    @classmethod
+    def build(cls, what: str, **fields: Any) -> ModelSpec:
+        """Validate ``fields`` into a spec, raising ``OptionsError`` naming ``what``."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as error:
+            raise OptionsError(what, format_validation_error(error)) from None
+        except OptionsError as error:
+            raise OptionsError(what, str(error)) from None

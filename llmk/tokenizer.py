@@ -1,0 +1,88 @@
+"""Tokenizing, chat templates and incremental detokenizing, shared by all backends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llmk.errors import SourceError, UnsupportedError
+
+
+class Tokenizer:
+    """A Hugging Face fast tokenizer loaded from the source's directory."""
+
+    def __init__(self, directory: Path, *, source: str):
+        from transformers import AutoTokenizer
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(directory))
+        except Exception as error:  # transformers raises many types for bad files
+            raise SourceError(source, f"cannot load the tokenizer from {directory}: {error}") from error
+        self.eos_ids = _eos_ids(directory, self._tok)
+        self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
+        self.max_length = _max_length(directory, self._tok)
+
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=special))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not getattr(self._tok, "chat_template", None):
+            raise UnsupportedError("this model has no chat template; use generate() with a plain prompt")
+        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def batch(self, texts: list[str]) -> tuple[Any, Any]:
+        """Padded ``input_ids`` and ``attention_mask`` (NumPy), truncated to ``max_length``."""
+        enc = self._tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+        return enc["input_ids"], enc["attention_mask"]
+
+
+def _eos_ids(directory: Path, tok: Any) -> frozenset[int]:
+    ids = set()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = json.loads((directory / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return frozenset(ids)
+
+
+def _max_length(directory: Path, tok: Any) -> int:
+    """sentence-transformers truncates at ``max_seq_length``; match it."""
+    try:
+        return int(json.loads((directory / "sentence_bert_config.json").read_text())["max_seq_length"])
+    except (OSError, ValueError, KeyError):
+        return min(int(getattr(tok, "model_max_length", 512) or 512), 8192)
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text pieces without splitting a
+    multi-byte character or losing the space a token carries (the TGI/vLLM
+    prefix-offset method: decode a small window and emit only the new suffix)."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_ids[-4:])
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        before = self._tokenizer.decode(self._ids[self._prefix:self._read])
+        after = self._tokenizer.decode(self._ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before):]
+        return ""
