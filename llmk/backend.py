@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from llmk.artifact import Artifact, Task
+    from llmk.cache import Cache
 
 
 def missing_modules(modules: tuple[str, ...]) -> str | None:
@@ -91,8 +92,26 @@ class Backend(ABC):
         raise UnsupportedError(f"backend {self.name!r} cannot export {source.format!r} artifacts")
 
     @abstractmethod
-    def load(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions) -> Runner:
-        """Load ``artifact`` on ``device`` (a concrete one such as ``cpu`` or ``cuda:0``)."""
+    def load(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions, cache: Cache) -> Runner:
+        """Load ``artifact`` on ``device`` (a concrete one such as ``cpu`` or ``cuda:0``).
+
+        ``cache`` is the kernel's cache, for what a runtime can prepare once and
+        reuse (optimized graphs, compiled blobs) with ``cache.build(...)``.
+        """
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask ``[batch, longest]``, padded on the left so
+    that every prompt's last token sits in the last column (int64)."""
+    import numpy as np
+
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
 
 
 class DecodeState(ABC):

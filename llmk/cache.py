@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
+from llmk.logs import get_logger
 
-log = structlog.get_logger("llmk.cache")
+log = get_logger("llmk.cache")
 
 MANIFEST = "llmk-manifest.json"
 DEFAULT_CACHE_DIR = "~/.cache/llmk"
@@ -143,6 +143,8 @@ class Cache:
 
 def _write_manifest(path: Path) -> None:
     files = {
-        str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()
+        str(f.relative_to(path)): f.stat().st_size
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != MANIFEST  # a copied input's manifest is overwritten below
     }
     (path / MANIFEST).write_text(json.dumps({"files": files, "created": time.time()}, indent=1))

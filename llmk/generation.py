@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,7 +37,7 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 keeps every token")
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[Annotated[str, Field(min_length=1)], ...] = ()
 
     @classmethod
     def build(cls, **fields: Any) -> SamplingParams:
@@ -126,11 +126,10 @@ class _Sequence:
             self.finish = "stop"
         else:
             self.text += self._detok.push(token)
-            for stop in self.params.stop:
-                cut = self.text.find(stop, max(0, self.emitted - len(stop)))
-                if cut != -1:
-                    self.text, self.finish = self.text[:cut], "stop"
-                    break
+            # Emitted text never holds a whole stop sequence, so search only what is new.
+            cuts = [c for c in (self.text.find(s, self.emitted) for s in self.params.stop) if c != -1]
+            if cuts:
+                self.text, self.finish = self.text[:min(cuts)], "stop"
         if self.finish is None and len(self.ids) >= self.budget:
             self.finish = "length"
         # Hold back a tail that may still become a stop sequence.
@@ -214,6 +213,8 @@ class Engine:
         overlapping windows (half-window stride), each token counted once."""
         import numpy as np
 
+        if self.runner.task != "generate":
+            raise UnsupportedError("this model embeds text; perplexity needs a model that generates")
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
             raise OptionsError("perplexity", "the text needs at least two tokens")

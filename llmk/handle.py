@@ -55,8 +55,7 @@ class ModelHandle:
 
     @contextmanager
     def _lease(self) -> Iterator[ModelVersion]:
-        version = self._kernel._current(self.name)
-        version.lease()
+        version = self._kernel._acquire(self.name)
         try:
             yield version
         except Exception:
@@ -114,18 +113,20 @@ class ModelHandle:
 
     def _stream(self, make_ids: Any, params: SamplingParams) -> Iterator[StreamChunk]:
         # Validate and lease now, not at the first next(): errors surface at the call.
-        version = self._kernel._current(self.name)
-        version.lease()
+        version = self._kernel._acquire(self.name)
         try:
             ids = make_ids(version.engine)
         except Exception:
             version.release()
             raise
-        return self._stream_leased(version, ids, params)
+        stream = self._stream_leased(version, ids, params)
+        next(stream)  # enter the try block: from now on close() or garbage collection releases the lease
+        return stream
 
     def _stream_leased(self, version: ModelVersion, ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
         produced = 0
         try:
+            yield None  # consumed by _stream
             for chunk in version.engine.stream(ids, params):
                 produced += len(chunk.token_ids)
                 yield chunk

@@ -9,8 +9,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from llmk.artifact import Artifact
 from llmk.backend import Backend, BackendOptions
 from llmk.cache import Cache, key_digest
@@ -26,11 +24,13 @@ from llmk.errors import (
 from llmk.generation import Engine, SamplingParams
 from llmk.handle import ModelHandle
 from llmk.lifecycle import ModelVersion, State
-from llmk.plugins import Plugins
-from llmk.spec import ModelSpec
+from llmk.logs import get_logger
+from llmk.optimizer import Optimizer, PassOptions
+from llmk.plugins import Plugins, Registered
+from llmk.spec import ModelSpec, PassSpec
 from llmk.tokenizer import Tokenizer
 
-log = structlog.get_logger("llmk.kernel")
+log = get_logger("llmk.kernel")
 
 WARMUP_PROMPT = "Hello"
 
@@ -134,6 +134,16 @@ class Kernel:
         await asyncio.to_thread(self.unload, name)
 
     # -- internals ---------------------------------------------------------------
+    def _acquire(self, name: str) -> ModelVersion:
+        """Lease the current version of ``name`` under the lock that swap and unload
+        take to replace it, so no version is retired between lookup and lease."""
+        with self._lock:
+            version = self._models.get(name)
+            if version is None:
+                raise ModelNotFoundError(name, sorted(self._models))
+            version.lease()
+            return version
+
     def _current(self, name: str) -> ModelVersion:
         with self._lock:
             version = self._models.get(name)
@@ -187,18 +197,29 @@ class Kernel:
 
     def _build(self, version: ModelVersion) -> None:
         spec = version.spec
+        # Names and options first: a typo must not cost a model conversion.
+        if spec.backend != "auto":
+            self.plugins.backends.get(spec.backend)
+        passes = [self._resolve_pass(p) for p in spec.passes]
         source = self.plugins.resolve_source(spec.source, self.cache)
         backend_cls, device = self._choose_backend(spec, source.task)
         backend = backend_cls()
         options = _backend_options(backend_cls, spec.options)
         dtype = spec.dtype if spec.dtype != "auto" else ("fp32" if device == "cpu" else "bf16")
         version.backend, version.device, version.dtype = backend_cls.name, device, dtype
-        artifact = self._prepare(source, backend, dtype, spec)
-        version.artifact = artifact
-        runner = backend.load(artifact, device=device, dtype=dtype, options=options)
+        version.artifact = self._prepare(source, backend, dtype, passes)
+        runner = backend.load(version.artifact, device=device, dtype=dtype, options=options, cache=self.cache)
         version.engine = Engine(runner, Tokenizer(source.tokenizer_dir, source=spec.source))
         version.state = State.WARMING
         self._warm_up(version)
+
+    def _resolve_pass(self, pass_spec: PassSpec) -> tuple[Registered[Optimizer], PassOptions]:
+        registered = self.plugins.passes.get(pass_spec.name)
+        reason = registered.cls.availability()
+        if reason:
+            hint = f"; install it with: {registered.cls.install}" if registered.cls.install else ""
+            raise UnsupportedError(f"pass {pass_spec.name!r} is not available: {reason}{hint}")
+        return registered, registered.cls.options(pass_spec.options)
 
     def _choose_backend(self, spec: ModelSpec, task: str) -> tuple[type[Backend], str]:
         registry = self.plugins.backends
@@ -226,7 +247,8 @@ class Kernel:
         _, _, cls, device = min(candidates, key=lambda c: c[:2])
         return cls, device
 
-    def _prepare(self, source: Artifact, backend: Backend, dtype: str, spec: ModelSpec) -> Artifact:
+    def _prepare(self, source: Artifact, backend: Backend, dtype: str,
+                 passes: list[tuple[Registered[Optimizer], PassOptions]]) -> Artifact:
         """Export to the backend's format and run the passes, each step cached."""
         artifact = source
         versions = backend.versions()
@@ -234,25 +256,23 @@ class Kernel:
             key = key_digest(source.digest, backend.name, dtype, versions)
             path = self.cache.build(
                 "exports", f"{backend.name}-{key}",
-                lambda out: backend.export(source, out, dtype=dtype), describe=f"export {spec.source} to {backend.name}",
+                lambda out: backend.export(source, out, dtype=dtype), describe=f"export {source.source} to {backend.name}",
             )
             artifact = source.derive(path, backend.artifact_format, key)
-        for pass_spec in spec.passes:
-            registered = self.plugins.passes.get(pass_spec.name)
+        for registered, options in passes:
             optimizer_cls = registered.cls
             if backend.name not in optimizer_cls.backends:
                 supported = ", ".join(sorted(optimizer_cls.backends)) or "none"
                 raise UnsupportedError(
-                    f"pass {pass_spec.name!r} does not support backend {backend.name!r}; it supports: {supported}"
+                    f"pass {optimizer_cls.name!r} does not support backend {backend.name!r}; it supports: {supported}"
                 )
-            options = optimizer_cls.options(pass_spec.options)
-            key = key_digest(artifact.digest, pass_spec.name, options.model_dump(), backend.name, dtype, versions,
+            key = key_digest(artifact.digest, optimizer_cls.name, options.model_dump(), backend.name, dtype, versions,
                              registered.plugin.version)
             previous = artifact
             path = self.cache.build(
-                "passes", f"{pass_spec.name}-{key}",
+                "passes", f"{optimizer_cls.name}-{key}",
                 lambda out: optimizer_cls().apply(previous, out, backend=backend.name, options=options),
-                describe=f"pass {pass_spec} on {backend.name}",
+                describe=f"pass {optimizer_cls.name} on {backend.name}",
             )
             artifact = previous.derive(path, previous.format, key)
         return artifact

@@ -16,16 +16,16 @@ from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
 import pluggy
-import structlog
 
 from llmk import hookspecs
 from llmk.artifact import Artifact
 from llmk.backend import Backend
 from llmk.cache import Cache
 from llmk.errors import DuplicateNameError, LlmkError, PluginError, SourceError, UnknownNameError
+from llmk.logs import get_logger
 from llmk.optimizer import Optimizer
 
-log = structlog.get_logger("llmk.plugins")
+log = get_logger("llmk.plugins")
 
 ENTRY_POINT_GROUP = "llmk"
 BUILTIN_DISTRIBUTION = "llmk"
@@ -106,7 +106,7 @@ class Plugins:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as error:
-            raise PluginError(getattr(error, "plugin_name", str(error.plugin)), str(error)) from None
+            raise PluginError(self.pm.get_name(error.plugin) or str(error.plugin), str(error)) from None
         self.backends: Registry[Backend] = self._collect("backend", Backend, "register_backends")
         self.passes: Registry[Optimizer] = self._collect("pass", Optimizer, "register_passes")
 
@@ -117,8 +117,11 @@ class Plugins:
             builtin = package == BUILTIN_DISTRIBUTION
             if self.pm.is_blocked(ep.name) or (not autoload and not builtin):
                 continue
-            if self.pm.get_plugin(ep.name) is not None:
-                continue  # the same distribution seen twice on sys.path
+            seen = self.infos.get(ep.name)
+            if seen is not None:
+                if seen.package == package:
+                    continue  # the same distribution found twice on sys.path
+                raise DuplicateNameError("plugin", ep.name, seen.package, package)
             info = PluginInfo(ep.name, package, dist.version if dist else "", builtin)
             try:
                 module = ep.load()

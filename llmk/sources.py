@@ -16,14 +16,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from llmk.artifact import Artifact, Task
 from llmk.cache import Cache
 from llmk.errors import SourceError
 from llmk.hookspecs import hookimpl
+from llmk.logs import get_logger
 
-log = structlog.get_logger("llmk.sources")
+log = get_logger("llmk.sources")
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -184,13 +183,19 @@ def convert_gguf(source: str, gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF into safetensors + tokenizer files (transformers does the
     format work; it shows a progress bar over the tensors)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     print(f"llmk: converting {gguf_path.name} to safetensors once; later loads use the cache", file=sys.stderr)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # this conversion is long: always show its progress
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as error:  # transformers raises many types for a bad file
         raise SourceError(source, f"cannot convert {gguf_path}: {error}") from error
+    finally:
+        if not bars_were_on:
+            hf_logging.disable_progress_bar()
     # The dequantized weights are plain tensors; drop the GGUF quantizer record so
     # that transformers treats (and saves) the model as an ordinary checkpoint.
     if hasattr(model.config, "quantization_config"):

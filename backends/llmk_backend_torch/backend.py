@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 
 from llmk.artifact import Artifact
 from llmk.backend import Backend, BackendOptions, Runner
+from llmk.cache import Cache
 from llmk.errors import SourceError
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -32,7 +33,7 @@ class TorchBackend(Backend):
         cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
         return [*cuda, "cpu"]
 
-    def load(self, artifact: Artifact, *, device: str, dtype: str, options: TorchOptions) -> Runner:
+    def load(self, artifact: Artifact, *, device: str, dtype: str, options: TorchOptions, cache: Cache) -> Runner:
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
 

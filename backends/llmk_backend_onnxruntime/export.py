@@ -1,0 +1,42 @@
+"""Export a Hugging Face model to ONNX with the dynamo exporter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmk.artifact import Artifact
+from llmk.logs import get_logger
+from llmk.progress import stages
+
+log = get_logger("llmk.backend.onnxruntime")
+
+
+def export_onnx(source: Artifact, path: Path, *, dtype: str) -> None:
+    import torch
+    from llmk_backend_torch.export import dynamic_shapes, example_inputs, io_names, load_for_export
+
+    log.info("export.started", backend="onnxruntime", source=source.source, dtype=dtype)
+    with stages(f"llmk: exporting {source.source} to ONNX (once)", ["load", "capture graph", "save"]) as stage:
+        stage("load")
+        wrapper = load_for_export(source.path, source.task, dtype)
+        inputs, outputs = io_names(wrapper)
+        stage("capture graph")
+        program = torch.onnx.export(
+            wrapper,
+            kwargs=example_inputs(wrapper),
+            dynamic_shapes=dynamic_shapes(wrapper),
+            input_names=inputs,
+            output_names=outputs,
+            dynamo=True,
+            verbose=False,
+        )
+        stage("save")
+        program.save(str(path), external_data=True)
+    config = wrapper.model.config
+    (path.parent / "llmk-onnx.json").write_text(json.dumps({
+        "task": source.task,
+        "max_context": int(getattr(config, "max_position_embeddings", 2048) or 2048),
+        "inputs": inputs,
+        "outputs": outputs,
+    }, indent=1))

@@ -1,0 +1,62 @@
+"""OpenVINO backend: models converted to OpenVINO IR, the KV cache kept as model state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from llmk.artifact import Artifact
+from llmk.backend import Backend, BackendOptions, Runner
+from llmk.cache import Cache, key_digest
+from llmk.errors import SourceError
+
+MODEL_FILE = "model.xml"
+
+
+class OpenVINOOptions(BackendOptions):
+    #: OpenVINO's CPU plugin tuning: "latency" for one stream, "throughput" for many.
+    performance_hint: Literal["latency", "throughput"] = "latency"
+    #: Inference threads; 0 lets OpenVINO decide.
+    threads: int = 0
+    #: Keep the compiled model in the kernel's cache so that later loads skip compiling.
+    compile_cache: bool = True
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    artifact_format = "openvino"
+    requires = ("openvino",)
+    install = "pip install 'llmk[openvino]'"
+    speed_rank: ClassVar[dict[str, int]] = {"cpu": 30}
+    Options = OpenVINOOptions
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        import torch
+        from llmk_backend_torch.export import EXPORT_VERSION
+
+        return {**super().versions(), "torch": torch.__version__, "llmk-export": EXPORT_VERSION}
+
+    def export(self, source: Artifact, out_dir: Path, *, dtype: str) -> None:
+        from llmk_backend_openvino.export import convert
+
+        convert(source, out_dir / MODEL_FILE, dtype=dtype)
+
+    def load(self, artifact: Artifact, *, device: str, dtype: str, options: OpenVINOOptions,
+             cache: Cache) -> Runner:
+        from llmk_backend_openvino.runner import BLOB_FILE, OpenVINORunner, compile_model, export_blob, import_blob
+
+        path = artifact.path / MODEL_FILE
+        try:
+            if options.compile_cache:
+                # Compiling for the CPU takes seconds; keep the compiled blob and import it.
+                key = key_digest(artifact.digest, dtype, options.model_dump(), self.versions())
+                blob = cache.build("runtime", f"openvino-{key}",
+                                   lambda out: export_blob(compile_model(path, dtype, options), out / BLOB_FILE),
+                                   describe="compiled OpenVINO model")
+                compiled = import_blob(blob / BLOB_FILE, dtype, options)
+            else:
+                compiled = compile_model(path, dtype, options)
+        except Exception as error:  # openvino raises RuntimeError for anything
+            raise SourceError(artifact.source, f"cannot load {path}: {error}") from error
+        return OpenVINORunner(compiled, artifact, device)

@@ -1,0 +1,246 @@
+"""The ``llmk`` command line. Errors become one-line messages here, and only here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmk.errors import LlmkError
+
+DEFAULT_CHAT_MODEL = "builtin:smollm2"
+DEFAULT_EMBED_MODEL = "builtin:minilm"
+EVAL_PROMPT = "Once upon a time"
+
+
+def configure_logging(verbosity: int) -> None:
+    """Structured logs to stderr (stdout carries the answers). Quiet unless -v:
+    errors already reach the user once, as the command's own message."""
+    import structlog
+
+    level = logging.CRITICAL if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _kernel(args: argparse.Namespace) -> Any:
+    from llmk.kernel import Kernel
+
+    return Kernel(cache_dir=args.cache_dir)
+
+
+def _model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
+    parser.add_argument("--model", default=default_model, help=f"model source (default {default_model})")
+    parser.add_argument("--backend", default="auto", help="backend name, or auto (default)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--pass", dest="passes", action="append", default=[], metavar="P[:k=v,...]",
+                        help="optimization pass, repeatable, e.g. --pass quantize:bits=4,group_size=64")
+
+
+def _load(kernel: Any, name: str, args: argparse.Namespace) -> Any:
+    return kernel.load(name, source=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                       passes=args.passes)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    kernel = _kernel(args)
+    model = _load(kernel, "run", args)
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed, stop=args.stop or None)
+    from llmk.errors import UnsupportedError
+
+    try:
+        if args.raw:
+            raise UnsupportedError("raw prompt requested")
+        pieces = model.chat_stream([{"role": "user", "content": args.prompt}], **params)
+    except UnsupportedError:  # no chat template: complete the prompt as is
+        pieces = model.stream(args.prompt, **params)
+    for piece in pieces:
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    kernel = _kernel(args)
+    model = _load(kernel, "embed", args)
+    json.dump(model.embed(args.texts), sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def artifact_bytes(path: Path) -> int:
+    from llmk.cache import MANIFEST
+
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    text = Path(args.text).read_text()
+    kernel = _kernel(args)
+    started = time.perf_counter()
+    model = _load(kernel, "eval", args)
+    load_seconds = time.perf_counter() - started
+    version = model.version
+    report: dict[str, Any] = {
+        "model": args.model,
+        "backend": version.backend,
+        "device": version.device,
+        "dtype": version.dtype,
+        "passes": [str(p) for p in version.spec.passes],
+        "perplexity": model.perplexity(text),
+        "artifact_bytes": artifact_bytes(version.artifact.path),
+        "load_seconds": load_seconds,
+    }
+    result = model.generate(EVAL_PROMPT, max_tokens=args.decode_tokens, temperature=0)
+    decode_seconds = result.seconds - result.first_token_seconds
+    tokens = max(result.completion_tokens - 1, 0)
+    report["decode_tokens_per_s"] = tokens / decode_seconds if decode_seconds > 0 else None
+    report["first_token_seconds"] = result.first_token_seconds
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for key, value in report.items():
+            print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    return 0
+
+
+def plugin_listing(kernel: Any) -> dict[str, list[dict[str, Any]]]:
+    def entry(name: str, registered: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        cls = registered.cls
+        reason = cls.availability()
+        return {
+            "name": name,
+            "plugin": registered.plugin.name,
+            "package": registered.plugin.package,
+            "version": registered.plugin.version,
+            "available": reason is None,
+            "reason": reason,
+            "install": cls.install if reason else None,
+            **extra,
+        }
+
+    plugins = kernel.plugins
+    return {
+        "plugins": [vars(info) for info in plugins.infos.values()],
+        "backends": [
+            entry(name, item, {"tasks": sorted(item.cls.tasks), "devices": sorted(item.cls.speed_rank),
+                               "speed_rank": item.cls.speed_rank})
+            for name, item in sorted(plugins.backends.items.items())
+        ],
+        "passes": [
+            entry(name, item, {"backends": sorted(item.cls.backends), "presets": sorted(item.cls.presets)})
+            for name, item in sorted(plugins.passes.items.items())
+        ],
+    }
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    listing = plugin_listing(_kernel(args))
+    if args.json:
+        json.dump(listing, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for kind in ("backends", "passes"):
+        print(f"{kind}:")
+        for item in listing[kind]:
+            state = "available" if item["available"] else f"missing: {item['reason']}; {item['install']}"
+            print(f"  {item['name']:<14} {item['package']} {item['version']:<8} {state}")
+        if not listing[kind]:
+            print("  (none)")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from llmk.cache import Cache
+
+    cache = Cache(args.cache_dir)
+    if args.action == "clear":
+        print(f"removed {cache.clear()} entries from {cache.root}")
+        return 0
+    entries = cache.entries()
+    if args.json:
+        json.dump({"root": str(cache.root), "entries": entries}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"cache: {cache.root}")
+    for e in entries:
+        print(f"  {e['kind']:<8} {e['name']:<60} {e['bytes'] / 2**20:9.1f} MiB{'' if e['valid'] else '  INVALID'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmk", description="llmk: a plugin-based LLM kernel")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log lifecycle events (-vv: debug)")
+    parser.add_argument("--cache-dir", default=None, help="cache directory (default $LLMK_CACHE_DIR or ~/.cache/llmk)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="stream a completion to stdout")
+    _model_args(run, DEFAULT_CHAT_MODEL)
+    run.add_argument("--max-tokens", type=int, default=256)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    run.add_argument("--top-p", type=float, default=None)
+    run.add_argument("--top-k", type=int, default=None)
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--stop", action="append", default=[], help="stop sequence, repeatable")
+    run.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
+    run.add_argument("prompt")
+    run.set_defaults(func=cmd_run)
+
+    embed = sub.add_parser("embed", help="print embeddings of the texts as JSON")
+    _model_args(embed, DEFAULT_EMBED_MODEL)
+    embed.add_argument("texts", nargs="+")
+    embed.set_defaults(func=cmd_embed)
+
+    evaluate = sub.add_parser("eval", help="perplexity, artifact size, load time and decode speed")
+    _model_args(evaluate, DEFAULT_CHAT_MODEL)
+    evaluate.add_argument("--text", required=True, help="text file to compute perplexity on")
+    evaluate.add_argument("--decode-tokens", type=int, default=64)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
+
+    plugins = sub.add_parser("plugins", help="list backends and passes, and whether they are available")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(func=cmd_plugins)
+
+    cache = sub.add_parser("cache", help="list or clear the model cache")
+    cache.add_argument("action", choices=["list", "clear"], nargs="?", default="list")
+    cache.add_argument("--json", action="store_true")
+    cache.set_defaults(func=cmd_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    # Per-load weight bars are noise in a terminal; one-time conversions still show theirs.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return args.func(args)
+    except LlmkError as error:
+        print(f"llmk: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

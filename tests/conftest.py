@@ -1,0 +1,50 @@
+"""Shared test setup: llmk's own test helpers, the same ones plugin authors use."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["llmk.testing"]
+
+
+@pytest.fixture
+def install_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
+    """Install a throwaway distribution on ``sys.path`` for this test only.
+
+    ``install_dist(code, ep_name="thirdparty", dist="llmk-thirdparty")`` writes a
+    module holding ``code`` and a ``.dist-info`` whose ``llmk`` entry point names
+    it, exactly what ``pip install`` of a plugin package leaves behind. Returns
+    the module name (unique per call, so that ``sys.modules`` never serves a
+    module from another test).
+    """
+    site = tmp_path / "site-packages"
+    site.mkdir(exist_ok=True)
+    monkeypatch.syspath_prepend(str(site))
+    modules: list[str] = []
+
+    def install(code: str, *, ep_name: str = "thirdparty", dist: str = "llmk-thirdparty",
+                version: str = "1.2.3") -> str:
+        module = f"llmk_test_plugin_{uuid.uuid4().hex[:10]}"
+        (site / f"{module}.py").write_text(code)
+        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[llmk]\n{ep_name} = {module}\n")
+        modules.append(module)
+        return module
+
+    yield install
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture(autouse=True)
+def _no_plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's environment must not change which plugins a test sees."""
+    for variable in ("LLMK_DISABLE_PLUGINS", "LLMK_DISABLE_PLUGIN_AUTOLOAD"):
+        monkeypatch.delenv(variable, raising=False)
