@@ -38,6 +38,7 @@ _LAZY = {
     "UnsupportedError": "llmk.errors",
     "ModelNotFoundError": "llmk.errors",
     "ModelLoadError": "llmk.errors",
+    "QualityGateError": "llmk.errors",
 }
 
 __all__ = ["hookimpl", "hookspec", "__version__", *_LAZY]
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
         ModelNotFoundError,
         OptionsError,
         PluginError,
+        QualityGateError,
         SourceError,
         UnknownNameError,
         UnsupportedError,

@@ -87,6 +87,11 @@ class Cache:
                 return False
         return True
 
+    def remove(self, path: Path) -> None:
+        """Drop one entry (e.g. an artifact that failed its quality gate)."""
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("cache.entry_removed", path=str(path))
+
     def entries(self) -> list[dict[str, Any]]:
         """Every entry: kind, name, size in bytes, and whether it is valid."""
         found = []

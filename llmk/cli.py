@@ -90,15 +90,15 @@ def artifact_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    text = Path(args.text).read_text()
-    kernel = _kernel(args)
+def _evaluate(kernel: Any, name: str, args: argparse.Namespace, text: str, passes: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
-    model = _load(kernel, "eval", args)
+    model = kernel.load(name, source=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                        passes=passes, max_ppl_increase=args.max_ppl_increase if passes else None)
     load_seconds = time.perf_counter() - started
     version = model.version
-    report: dict[str, Any] = {
-        "model": args.model,
+    result = model.generate(EVAL_PROMPT, max_tokens=args.decode_tokens, temperature=0)
+    decode_seconds = result.seconds - result.first_token_seconds
+    report = {
         "backend": version.backend,
         "device": version.device,
         "dtype": version.dtype,
@@ -106,18 +106,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "perplexity": model.perplexity(text),
         "artifact_bytes": artifact_bytes(version.artifact.path),
         "load_seconds": load_seconds,
+        "first_token_seconds": result.first_token_seconds,
+        "decode_tokens_per_s": (result.completion_tokens - 1) / decode_seconds if decode_seconds > 0 else None,
     }
-    result = model.generate(EVAL_PROMPT, max_tokens=args.decode_tokens, temperature=0)
-    decode_seconds = result.seconds - result.first_token_seconds
-    tokens = max(result.completion_tokens - 1, 0)
-    report["decode_tokens_per_s"] = tokens / decode_seconds if decode_seconds > 0 else None
-    report["first_token_seconds"] = result.first_token_seconds
+    kernel.unload(name)
+    return report
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    text = Path(args.text).read_text()
+    kernel = _kernel(args)
+    report = {"model": args.model, **_evaluate(kernel, "eval", args, text, args.passes)}
+    if args.passes:  # the same model without the passes, measured the same way
+        baseline = _evaluate(kernel, "eval-baseline", args, text, [])
+        report["baseline"] = baseline
+        report["perplexity_change"] = report["perplexity"] / baseline["perplexity"] - 1.0
+        report["size_ratio"] = report["artifact_bytes"] / baseline["artifact_bytes"]
+        if report["decode_tokens_per_s"] and baseline["decode_tokens_per_s"]:
+            report["decode_speedup"] = report["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    else:
-        for key, value in report.items():
-            print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
+        return 0
+    for key, value in report.items():
+        if key == "baseline":
+            continue
+        print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    if "baseline" in report:
+        b = report["baseline"]
+        print(f"{'baseline':>22}: perplexity {b['perplexity']:.4g}, {b['artifact_bytes'] / 1e6:.0f} MB, "
+              f"{b['decode_tokens_per_s']:.1f} tokens/s")
     return 0
 
 
@@ -185,6 +203,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llmk.bench import run
+
+    backends = args.backends or ["torch", "onnxruntime", "openvino"]
+    runs = 2 if args.quick else args.runs
+    command = "llmk " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmk") else "llmk bench"
+    report = run(backends, source=args.model, passes=args.passes, runs=runs, cache_dir=args.cache_dir,
+                 command=command)
+    if args.output:
+        Path(args.output).write_text(report)
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmk", description="llmk: a plugin-based LLM kernel")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log lifecycle events (-vv: debug)")
@@ -212,12 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(evaluate, DEFAULT_CHAT_MODEL)
     evaluate.add_argument("--text", required=True, help="text file to compute perplexity on")
     evaluate.add_argument("--decode-tokens", type=int, default=64)
+    evaluate.add_argument("--max-ppl-increase", type=float, default=None,
+                          help="refuse the passes' artifact if perplexity rises more than this (0.01 = +1%%)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
 
     plugins = sub.add_parser("plugins", help="list backends and passes, and whether they are available")
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(func=cmd_plugins)
+
+    bench = sub.add_parser("bench", help="measure decode speed, first-token latency, load time and quality")
+    bench.add_argument("--model", default=DEFAULT_CHAT_MODEL)
+    bench.add_argument("--backend", dest="backends", action="append", default=[],
+                       help="backend to measure, repeatable (default: torch, onnxruntime, openvino)")
+    bench.add_argument("--pass", dest="passes", action="append", default=[], metavar="P[:k=v,...]")
+    bench.add_argument("--runs", type=int, default=5, help="runs per figure; the median is reported")
+    bench.add_argument("--quick", action="store_true", help="2 runs: a few minutes, for development")
+    bench.add_argument("--output", help="also write the markdown table to this file")
+    bench.set_defaults(func=cmd_bench)
 
     cache = sub.add_parser("cache", help="list or clear the model cache")
     cache.add_argument("action", choices=["list", "clear"], nargs="?", default="list")

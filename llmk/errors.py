@@ -88,6 +88,18 @@ class ModelLoadError(LlmkError):
         super().__init__(f"model {model!r} failed to load: {problem}")
 
 
+class QualityGateError(LlmkError):
+    """An optimized artifact lost more quality than its pipeline allows."""
+
+    def __init__(self, pipeline: str, baseline: float, optimized: float, limit: float):
+        self.pipeline, self.baseline, self.optimized, self.limit = pipeline, baseline, optimized, limit
+        increase = optimized / baseline - 1.0
+        super().__init__(
+            f"passes {pipeline!r} raise perplexity by {increase:+.2%} ({baseline:.3f} -> {optimized:.3f}), "
+            f"more than max_ppl_increase={limit:.2%}; the artifact was discarded"
+        )
+
+
 def format_validation_error(error: Exception) -> str:
     """One line per pydantic error: `key.path: reason`."""
     errors = getattr(error, "errors", None)

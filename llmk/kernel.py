@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ from llmk.errors import (
     ModelLoadError,
     ModelNotFoundError,
     OptionsError,
+    QualityGateError,
     UnsupportedError,
     format_validation_error,
 )
@@ -33,6 +35,7 @@ from llmk.tokenizer import Tokenizer
 log = get_logger("llmk.kernel")
 
 WARMUP_PROMPT = "Hello"
+QUALITY_TEXT = Path(__file__).parent / "data" / "wiki.txt"
 
 
 class Kernel:
@@ -207,9 +210,16 @@ class Kernel:
         options = _backend_options(backend_cls, spec.options)
         dtype = spec.dtype if spec.dtype != "auto" else ("fp32" if device == "cpu" else "bf16")
         version.backend, version.device, version.dtype = backend_cls.name, device, dtype
-        version.artifact = self._prepare(source, backend, dtype, passes)
+        base, version.artifact, built = self._prepare(source, backend, dtype, passes)
         runner = backend.load(version.artifact, device=device, dtype=dtype, options=options, cache=self.cache)
         version.engine = Engine(runner, Tokenizer(source.tokenizer_dir, source=spec.source))
+        if spec.passes and spec.max_ppl_increase is not None:
+            try:
+                version.quality = self._quality_gate(version, base, backend, device, dtype, options)
+            except QualityGateError:
+                for path in built:  # never leave a refused artifact behind as a good cache entry
+                    self.cache.remove(path)
+                raise
         version.state = State.WARMING
         self._warm_up(version)
 
@@ -248,9 +258,13 @@ class Kernel:
         return cls, device
 
     def _prepare(self, source: Artifact, backend: Backend, dtype: str,
-                 passes: list[tuple[Registered[Optimizer], PassOptions]]) -> Artifact:
-        """Export to the backend's format and run the passes, each step cached."""
+                 passes: list[tuple[Registered[Optimizer], PassOptions]]) -> tuple[Artifact, Artifact, list[Path]]:
+        """Export to the backend's format and run the passes, each step cached.
+
+        Returns the unoptimized artifact, the final one, and the pass outputs.
+        """
         artifact = source
+        built: list[Path] = []
         versions = backend.versions()
         if backend.artifact_format != source.format:
             key = key_digest(source.digest, backend.name, dtype, versions)
@@ -259,6 +273,7 @@ class Kernel:
                 lambda out: backend.export(source, out, dtype=dtype), describe=f"export {source.source} to {backend.name}",
             )
             artifact = source.derive(path, backend.artifact_format, key)
+        base = artifact
         for registered, options in passes:
             optimizer_cls = registered.cls
             if backend.name not in optimizer_cls.backends:
@@ -275,7 +290,35 @@ class Kernel:
                 describe=f"pass {optimizer_cls.name} on {backend.name}",
             )
             artifact = previous.derive(path, previous.format, key)
-        return artifact
+            built.append(path)
+        return base, artifact, built
+
+    def _quality_gate(self, version: ModelVersion, base: Artifact, backend: Backend, device: str, dtype: str,
+                      options: BackendOptions) -> dict[str, float]:
+        """Perplexity of the optimized and the unoptimized model on llmk's reference
+        text, measured once per artifact pair (cached), against the spec's limit."""
+        engine = version.engine
+        assert engine is not None
+        text = QUALITY_TEXT.read_text()
+
+        def measure(out: Path) -> None:
+            baseline_runner = backend.load(base, device=device, dtype=dtype, options=options, cache=self.cache)
+            try:
+                baseline = Engine(baseline_runner, engine.tokenizer).perplexity(text)
+            finally:
+                baseline_runner.close()
+            (out / "quality.json").write_text(json.dumps({"baseline": baseline, "optimized": engine.perplexity(text)}))
+
+        key = key_digest(base.digest, version.artifact.digest, QUALITY_TEXT.name, len(text))
+        entry = self.cache.build("quality", key, measure, describe="quality gate perplexity")
+        quality = json.loads((entry / "quality.json").read_text())
+        quality["increase"] = quality["optimized"] / quality["baseline"] - 1.0
+        limit = version.spec.max_ppl_increase
+        log.info("model.quality_measured", model=version.name, version=version.number, limit=limit, **quality)
+        if quality["increase"] > limit:
+            pipeline = " ".join(str(p) for p in version.spec.passes)
+            raise QualityGateError(pipeline, quality["baseline"], quality["optimized"], limit)
+        return quality
 
     def _warm_up(self, version: ModelVersion) -> None:
         """Run one real request through the new version before it may serve."""

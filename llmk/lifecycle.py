@@ -52,6 +52,7 @@ class ModelVersion:
     dtype: str = ""
     artifact: Artifact | None = None
     engine: Engine | None = None
+    quality: dict[str, float] | None = None  # the quality gate's measurement, when the spec has one
     load_seconds: float = 0.0
     loaded_at: float = 0.0
     last_used: float = 0.0
@@ -96,6 +97,7 @@ class ModelVersion:
             "device": self.device or self.spec.device,
             "dtype": self.dtype or self.spec.dtype,
             "passes": [str(p) for p in self.spec.passes],
+            "quality": self.quality,
             "memory_bytes": self.memory_bytes(),
             "load_seconds": round(self.load_seconds, 3),
             "loaded_at": self.loaded_at,

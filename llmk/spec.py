@@ -79,6 +79,9 @@ class ModelSpec(BaseModel):
     passes: tuple[PassSpec, ...] = ()
     options: dict[str, Any] = Field(default_factory=dict, description="backend options")
     max_batch_size: int = Field(8, ge=1, le=256)
+    max_ppl_increase: float | None = Field(
+        None, ge=0.0, description="quality gate for the passes: allowed relative perplexity increase (0.01 = +1%)"
+    )
 
     @field_validator("passes", mode="before")
     @classmethod

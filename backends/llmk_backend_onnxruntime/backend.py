@@ -57,7 +57,7 @@ class OnnxRuntimeBackend(Backend):
                 # Optimizing a graph takes seconds; do it once and load the result as is.
                 key = key_digest(artifact.digest, options.graph_optimization, self.versions())
                 optimized = cache.build("runtime", f"onnxruntime-{key}",
-                                        lambda out: save_optimized(path, out / MODEL_FILE, options),
+                                        lambda out: save_optimized(path, out / MODEL_FILE, options.graph_optimization),
                                         describe="optimized ONNX Runtime graph")
                 session = make_session(optimized / MODEL_FILE, device, options.model_copy(
                     update={"graph_optimization": "disable"}))

@@ -40,3 +40,18 @@ def export_onnx(source: Artifact, path: Path, *, dtype: str) -> None:
         "inputs": inputs,
         "outputs": outputs,
     }, indent=1))
+
+
+def save_onnx(model, path: Path) -> None:  # noqa: ANN001 - onnx.ModelProto
+    """Save ``model`` with its large tensors in ``<name>.data`` beside it.
+
+    (``onnx.save_model(save_as_external_data=True)`` refuses when a file of that
+    name exists in the *current* directory; this writes relative to ``path``.)
+    """
+    import onnx
+    from onnx.external_data_helper import set_external_data, write_external_data_tensors
+
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+            set_external_data(tensor, path.name + ".data")
+    onnx.save_model(write_external_data_tensors(model, str(path.parent)), str(path))

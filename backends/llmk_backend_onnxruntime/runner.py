@@ -21,10 +21,10 @@ OPTIMIZATION_LEVELS = {
 }
 
 
-def save_optimized(path: Path, out: Path, options: OnnxRuntimeOptions) -> None:
-    """Write the graph as ``options`` optimizes it (specific to this machine's CPU)."""
+def save_optimized(path: Path, out: Path, level: str) -> None:
+    """Write the graph as optimized at ``level`` ("all" is specific to this machine's CPU)."""
     so = ort.SessionOptions()
-    so.graph_optimization_level = OPTIMIZATION_LEVELS[options.graph_optimization]
+    so.graph_optimization_level = OPTIMIZATION_LEVELS[level]
     so.log_severity_level = 3
     so.optimized_model_filepath = str(out)
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")

@@ -44,17 +44,17 @@ class OpenVINOBackend(Backend):
 
     def load(self, artifact: Artifact, *, device: str, dtype: str, options: OpenVINOOptions,
              cache: Cache) -> Runner:
-        from llmk_backend_openvino.runner import BLOB_FILE, OpenVINORunner, compile_model, export_blob, import_blob
+        from llmk_backend_openvino.runner import OpenVINORunner, compile_model
 
         path = artifact.path / MODEL_FILE
         try:
             if options.compile_cache:
-                # Compiling for the CPU takes seconds; keep the compiled blob and import it.
+                # Compiling for the CPU takes seconds: OpenVINO's own model cache keeps
+                # the compiled graph (weights stay memory-mapped from the IR).
                 key = key_digest(artifact.digest, dtype, options.model_dump(), self.versions())
-                blob = cache.build("runtime", f"openvino-{key}",
-                                   lambda out: export_blob(compile_model(path, dtype, options), out / BLOB_FILE),
-                                   describe="compiled OpenVINO model")
-                compiled = import_blob(blob / BLOB_FILE, dtype, options)
+                blobs = cache.build("runtime", f"openvino-{key}", lambda out: compile_model(path, dtype, options, out),
+                                    describe="compiled OpenVINO model")
+                compiled = compile_model(path, dtype, options, blobs)
             else:
                 compiled = compile_model(path, dtype, options)
         except Exception as error:  # openvino raises RuntimeError for anything

@@ -13,7 +13,6 @@ from llmk.artifact import Artifact
 from llmk.backend import DecodeState, Runner, left_pad
 from llmk_backend_openvino.backend import OpenVINOOptions
 
-BLOB_FILE = "model.blob"
 _core: ov.Core | None = None
 
 
@@ -24,16 +23,11 @@ def core() -> ov.Core:
     return _core
 
 
-def export_blob(compiled: ov.CompiledModel, path: Path) -> None:
-    path.write_bytes(compiled.export_model().getvalue())
-
-
-def import_blob(path: Path, dtype: str, options: OpenVINOOptions) -> ov.CompiledModel:
-    return core().import_model(path.read_bytes(), "CPU", compile_config(dtype, options))
-
-
-def compile_model(path: Path, dtype: str, options: OpenVINOOptions) -> ov.CompiledModel:
-    return core().compile_model(str(path), "CPU", compile_config(dtype, options))
+def compile_model(path: Path, dtype: str, options: OpenVINOOptions, cache_dir: Path | None = None) -> ov.CompiledModel:
+    config = compile_config(dtype, options)
+    if cache_dir is not None:
+        config.update({"CACHE_DIR": str(cache_dir), "CACHE_MODE": "OPTIMIZE_SIZE"})
+    return core().compile_model(str(path), "CPU", config)
 
 
 def compile_config(dtype: str, options: OpenVINOOptions) -> dict[str, Any]:

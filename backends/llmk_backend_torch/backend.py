@@ -41,11 +41,16 @@ class TorchBackend(Backend):
 
         if options.threads:
             torch.set_num_threads(options.threads)
+        from llmk_backend_torch.quantized import is_quantized, load_quantized
+
         auto = AutoModelForCausalLM if artifact.task == "generate" else AutoModel
+        torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
         try:
-            model = auto.from_pretrained(
-                str(artifact.path), dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=options.attention
-            )
+            if is_quantized(artifact.path):
+                model = load_quantized(artifact.path, auto, torch_dtype)
+            else:
+                model = auto.from_pretrained(str(artifact.path), dtype=torch_dtype,
+                                             attn_implementation=options.attention)
         except (OSError, ValueError, RuntimeError) as error:
             raise SourceError(artifact.source, f"cannot load weights from {artifact.path}: {error}") from error
         model.to(device).eval()

@@ -1,0 +1,69 @@
+"""quantize for the torch backend: the checkpoint format of ``llmk_backend_torch.quantized``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from llmk.artifact import Artifact
+from llmk.errors import UnsupportedError
+from llmk_pass_quantize.optimizer import QuantizeOptions
+
+
+def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from llmk_backend_torch.quantized import CONFIG_KEY
+
+    if options.activations:
+        raise UnsupportedError("quantize: activations=true is available on onnxruntime only")
+    config = json.loads((artifact.path / "config.json").read_text())
+    if CONFIG_KEY in config:
+        raise UnsupportedError("quantize: this model is already quantized")
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(artifact.path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    group = options.group_size if options.bits == 4 else None
+    out: dict[str, torch.Tensor] = {}
+    modules = []
+    for name, tensor in state.items():
+        module = name.removesuffix(".weight")
+        if _is_linear_weight(name, tensor) and (group is None or tensor.shape[1] % group == 0):
+            qweight, scales, zeros = _quantize(tensor.float(), options.bits, group or tensor.shape[1])
+            out[f"{module}.qweight"], out[f"{module}.scales"], out[f"{module}.zeros"] = qweight, scales, zeros
+            modules.append(module)
+        else:
+            out[name] = tensor.contiguous()
+    save_file(out, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    # group_size 0: one scale per output row (int8)
+    config[CONFIG_KEY] = {"bits": options.bits, "group_size": group or 0, "modules": sorted(modules)}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for file in artifact.path.iterdir():
+        if file.is_file() and file.suffix != ".safetensors" and file.name not in ("config.json", "llmk-manifest.json"):
+            shutil.copy(file, out_dir / file.name)
+
+
+def _is_linear_weight(name: str, tensor) -> bool:  # noqa: ANN001 - torch.Tensor
+    """Projection matrices inside the transformer blocks (not embeddings or norms)."""
+    return name.endswith("proj.weight") and tensor.ndim == 2 and tensor.is_floating_point()
+
+
+def _quantize(weight, bits: int, group: int):  # noqa: ANN001, ANN202 - torch tensors
+    import torch
+
+    rows, cols = weight.shape
+    grouped = weight.reshape(rows, cols // group, group)
+    if bits == 8:  # symmetric: zero is exactly representable
+        scales = grouped.abs().amax(dim=-1) / 127.0
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        q = torch.clamp(torch.round(grouped / scales[..., None]), -127, 127).to(torch.int8)
+        return q.reshape(rows, cols).contiguous(), scales.contiguous(), torch.zeros_like(scales)
+    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    scales = (high - low) / 15.0
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    q = torch.clamp(torch.round((grouped - low[..., None]) / scales[..., None]), 0, 15).to(torch.uint8)
+    q = q.reshape(rows, cols)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    return packed, scales.contiguous(), low.contiguous()

@@ -1,0 +1,74 @@
+"""CUDA paths of the torch and ONNX Runtime backends.
+
+Skipped, with the reason, on machines without a CUDA device (CI has none); run
+them where one is available: `pytest -m gpu`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import llmk
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda_reason() -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed"
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA device on this machine (CI runs on CPU only)"
+
+
+def _ort_cuda_reason() -> str | None:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "onnxruntime is not installed"
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider (install llmk[gpu]: onnxruntime-gpu)"
+    return _cuda_reason()
+
+
+needs_cuda = pytest.mark.skipif(bool(_cuda_reason()), reason=_cuda_reason() or "")
+needs_ort_cuda = pytest.mark.skipif(bool(_ort_cuda_reason()), reason=_ort_cuda_reason() or "")
+PROMPTS = ["The capital of France is", "Once upon a time there was a little fox who lived", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    with llmk.Kernel(cache_dir=tmp_path_factory.mktemp("gpu-cache"), autoload=False) as kernel:
+        yield kernel
+
+
+@needs_cuda
+def test_torch_cuda_matches_cpu(kernel, tiny_llama, tiny_bert):
+    cpu = kernel.load("cpu", source=str(tiny_llama), backend="torch", device="cpu")
+    gpu = kernel.load("gpu", source=str(tiny_llama), backend="torch", device="cuda", dtype="fp32")
+    assert gpu.status()["device"].startswith("cuda")
+    expected = [r.token_ids for r in cpu.generate(PROMPTS, max_tokens=16, temperature=0)]
+    assert [r.token_ids for r in gpu.generate(PROMPTS, max_tokens=16, temperature=0)] == expected
+    e_cpu = np.array(kernel.load("e-cpu", source=str(tiny_bert), backend="torch", device="cpu").embed(PROMPTS))
+    e_gpu = np.array(kernel.load("e-gpu", source=str(tiny_bert), backend="torch", device="cuda").embed(PROMPTS))
+    assert (e_cpu * e_gpu).sum(axis=1).min() > 0.9999
+
+
+@needs_cuda
+def test_auto_prefers_cuda(kernel, tiny_llama):
+    model = kernel.load("auto", source=str(tiny_llama))
+    assert model.status()["device"].startswith("cuda")
+
+
+@needs_ort_cuda
+def test_onnxruntime_cuda_keeps_the_cache_on_the_device(kernel, tiny_llama):
+    cpu = kernel.load("ort-cpu", source=str(tiny_llama), backend="onnxruntime", device="cpu")
+    gpu = kernel.load("ort-gpu", source=str(tiny_llama), backend="onnxruntime", device="cuda", dtype="fp32")
+    expected = [r.token_ids for r in cpu.generate(PROMPTS, max_tokens=16, temperature=0)]
+    assert [r.token_ids for r in gpu.generate(PROMPTS, max_tokens=16, temperature=0)] == expected
+    runner = gpu.version.engine.runner
+    state, _ = runner.prefill([[1, 2, 3]])
+    assert all(value.device_name() == "cuda" for value in state.past)

