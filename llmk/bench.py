@@ -92,7 +92,7 @@ def machine() -> dict[str, Any]:
 
 
 def markdown(rows: list[Row], *, command: str, info: dict[str, Any], runs: int) -> str:
-    baseline = next((r for r in rows if r.backend == "torch" and r.passes == "none"), rows[0])
+    baseline = next((r for r in rows if r.backend == "torch" and r.passes == "none"), None)
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     lines = [
         f"Command: `{command}`  ",
@@ -100,13 +100,14 @@ def markdown(rows: list[Row], *, command: str, info: dict[str, Any], runs: int) 
         f"SmolLM2-135M-Instruct, fp32, batch 1, greedy; median (min–max) of {runs} runs, each in a fresh Kernel "
         "from a warm cache.",
         "",
-        "| backend | passes | decode tokens/s | × torch | load → first token (s) | load (s) | perplexity | artifact MB |",
+        "| backend | passes | decode tokens/s | × torch | load → first token (s) | load (s) | perplexity "
+        "| artifact MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -r.decode_tokens_per_s.median):
-        ratio = r.decode_tokens_per_s.median / baseline.decode_tokens_per_s.median
+        ratio = f"{r.decode_tokens_per_s.median / baseline.decode_tokens_per_s.median:.2f}" if baseline else "–"
         lines.append(
-            f"| {r.backend} | {r.passes} | {r.decode_tokens_per_s.cell()} | {ratio:.2f} | "
+            f"| {r.backend} | {r.passes} | {r.decode_tokens_per_s.cell()} | {ratio} | "
             f"{r.first_token_seconds.cell(2)} | {r.load_seconds.cell(2)} | {r.perplexity:.3f} | "
             f"{r.artifact_bytes / 1e6:.0f} |"
         )

@@ -270,7 +270,8 @@ class Kernel:
             key = key_digest(source.digest, backend.name, dtype, versions)
             path = self.cache.build(
                 "exports", f"{backend.name}-{key}",
-                lambda out: backend.export(source, out, dtype=dtype), describe=f"export {source.source} to {backend.name}",
+                lambda out: backend.export(source, out, dtype=dtype),
+                describe=f"export {source.source} to {backend.name}",
             )
             artifact = source.derive(path, backend.artifact_format, key)
         base = artifact
@@ -283,13 +284,13 @@ class Kernel:
                 )
             key = key_digest(artifact.digest, optimizer_cls.name, options.model_dump(), backend.name, dtype, versions,
                              registered.plugin.version)
-            previous = artifact
             path = self.cache.build(
                 "passes", f"{optimizer_cls.name}-{key}",
-                lambda out: optimizer_cls().apply(previous, out, backend=backend.name, options=options),
+                lambda out, cls=optimizer_cls, src=artifact, opts=options: cls().apply(
+                    src, out, backend=backend.name, options=opts),
                 describe=f"pass {optimizer_cls.name} on {backend.name}",
             )
-            artifact = previous.derive(path, previous.format, key)
+            artifact = artifact.derive(path, artifact.format, key)
             built.append(path)
         return base, artifact, built
 

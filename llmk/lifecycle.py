@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from llmk.spec import ModelSpec
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     LOADING = "loading"
     WARMING = "warming"
     READY = "ready"

