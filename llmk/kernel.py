@@ -328,6 +328,7 @@ class Kernel:
         if engine.runner.task == "embed":
             engine.embed([WARMUP_PROMPT])
         else:
+            # Two tokens: one prefill and one decode step, the two graphs a request runs.
             engine.generate([engine.prompt_ids(WARMUP_PROMPT)], [SamplingParams(max_tokens=2, temperature=0.0)])
 
 
