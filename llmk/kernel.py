@@ -69,7 +69,7 @@ class Kernel:
 
         ``fields`` are those of ``ModelSpec``: ``backend`` (default ``auto``),
         ``device``, ``dtype``, ``passes``, ``options`` (backend options),
-        ``max_batch_size``. Loading a name that is already loaded with the same
+        ``max_ppl_increase`` (the passes' quality gate), ``max_batch_size``. Loading a name that is already loaded with the same
         spec returns its handle; with a different spec it hot-swaps.
         """
         spec = ModelSpec.build(f"model {name!r}", source=source, **fields)
@@ -84,12 +84,12 @@ class Kernel:
 
         The new version is loaded and warmed up beside the old one, then takes
         over; calls already running finish on the old version, which is freed
-        once they are done. If the new version fails, the old one keeps serving
-        and ``ModelLoadError`` is raised.
+        once they are done. If the new version fails (load, warm-up or quality
+        gate), the old one keeps serving and the error is raised.
         """
         current = self._current(name)
         merged = current.spec.model_dump()
-        merged.update({k: v for k, v in fields.items()})
+        merged.update(fields)
         if source is not None:
             merged["source"] = source
         return self._replace(name, ModelSpec.build(f"model {name!r}", **merged))
