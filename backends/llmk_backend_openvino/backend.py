@@ -32,10 +32,9 @@ class OpenVINOBackend(Backend):
 
     @classmethod
     def versions(cls) -> dict[str, str]:
-        import torch
-        from llmk_backend_torch.export import EXPORT_VERSION
+        from llmk_backend_torch.export import export_versions
 
-        return {**super().versions(), "torch": torch.__version__, "llmk-export": EXPORT_VERSION}
+        return {**super().versions(), **export_versions()}
 
     def export(self, source: Artifact, out_dir: Path, *, dtype: str) -> None:
         from llmk_backend_openvino.export import convert

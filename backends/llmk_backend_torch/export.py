@@ -22,6 +22,11 @@ from llmk_backend_torch.backend import TORCH_DTYPES
 EXPORT_VERSION = "1"
 
 
+def export_versions() -> dict[str, str]:
+    """What an exported graph depends on besides the target runtime: the tracer and this code."""
+    return {"torch": torch.__version__, "llmk-export": EXPORT_VERSION}
+
+
 @dataclass(frozen=True)
 class KVLayout:
     layers: int
