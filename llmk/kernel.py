@@ -69,8 +69,9 @@ class Kernel:
 
         ``fields`` are those of ``ModelSpec``: ``backend`` (default ``auto``),
         ``device``, ``dtype``, ``passes``, ``options`` (backend options),
-        ``max_ppl_increase`` (the passes' quality gate), ``max_batch_size``. Loading a name that is already loaded with the same
-        spec returns its handle; with a different spec it hot-swaps.
+        ``max_ppl_increase`` (the passes' quality gate), ``max_batch_size``.
+        Loading a name that is already loaded with the same spec returns its
+        handle; with a different spec it hot-swaps.
         """
         spec = ModelSpec.build(f"model {name!r}", source=source, **fields)
         with self._lock:
@@ -282,8 +283,8 @@ class Kernel:
                 raise UnsupportedError(
                     f"pass {optimizer_cls.name!r} does not support backend {backend.name!r}; it supports: {supported}"
                 )
-            key = key_digest(artifact.digest, optimizer_cls.name, options.model_dump(), backend.name, dtype, versions,
-                             registered.plugin.version)
+            key = key_digest(artifact.digest, optimizer_cls.name, optimizer_cls.version, options.model_dump(),
+                             backend.name, dtype, versions, registered.plugin.version)
             path = self.cache.build(
                 "passes", f"{optimizer_cls.name}-{key}",
                 lambda out, cls=optimizer_cls, src=artifact, opts=options: cls().apply(

@@ -32,6 +32,9 @@ class Optimizer(ABC):
 
     #: Unique name users put in ``passes=[...]``.
     name: ClassVar[str]
+    #: Bump when the pass writes different output for the same options: it is part
+    #: of the cache key, so cached outputs of the old code are not reused.
+    version: ClassVar[str] = "1"
     #: Backends whose artifacts this pass can transform.
     backends: ClassVar[frozenset[str]] = frozenset()
     #: Importable modules the pass needs, and the install line when they are missing.

@@ -62,6 +62,15 @@ def test_int8_is_smaller_and_close(kernel, tiny_llama, backend):
     assert quant.generate("The cat", max_tokens=8, temperature=0).completion_tokens == 8
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_int4_runs_and_is_smaller_than_int8(kernel, tiny_llama, backend):
+    int8 = kernel.load(f"{backend}-int8", source=str(tiny_llama), backend=backend, passes=["quantize"])
+    int4 = kernel.load(f"{backend}-int4", source=str(tiny_llama), backend=backend, passes=["quantize:preset=int4"])
+    assert artifact_bytes(int4.version.artifact.path) < artifact_bytes(int8.version.artifact.path)
+    assert int4.generate(["The cat", "Hello!"], max_tokens=8, temperature=0)[1].completion_tokens == 8
+    assert 1 < int4.perplexity(TEXT) < 2 * int8.perplexity(TEXT)
+
+
 def test_torch_int4_is_lossless_on_the_q4_1_grid(kernel, q4_grid_llama):
     base = ppl(kernel, "grid-fp32", q4_grid_llama, backend="torch")
     int4 = kernel.load("grid-int4", source=str(q4_grid_llama), backend="torch", passes=["quantize:bits=4"])

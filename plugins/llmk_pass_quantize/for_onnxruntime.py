@@ -37,8 +37,12 @@ def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> Non
 
         # int8 is block-wise too: MatMulNBits' 8-bit CPU kernel works on blocks.
         block = options.group_size if options.bits == 4 else 32
+        # The embedding table is a fifth of SmolLM2; GatherBlockQuantized stores it in
+        # 4 bits (it has no 8-bit form), so only int4 compresses it.
+        ops = ("MatMul", "Gather") if options.bits == 4 else ("MatMul",)
         quantizer = MatMulNBitsQuantizer(onnx.load(str(folded)), bits=options.bits, block_size=block,
-                                         is_symmetric=False, accuracy_level=4 if options.int8_compute else None)
+                                         is_symmetric=False, accuracy_level=4 if options.int8_compute else None,
+                                         op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
         quantizer.process()
         save_onnx(quantizer.model.model, target)
     shutil.rmtree(folded.parent)

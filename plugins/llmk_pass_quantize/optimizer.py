@@ -38,6 +38,7 @@ class QuantizeOptions(PassOptions):
 
 class QuantizePass(Optimizer):
     name = "quantize"
+    version = "2"  # 2: int4 on onnxruntime also quantizes the embedding table
     backends: ClassVar[frozenset[str]] = frozenset({"torch", "onnxruntime", "openvino"})
     Options = QuantizeOptions
     presets: ClassVar[dict[str, dict]] = {
