@@ -260,40 +260,58 @@ class Kernel:
 
     def _prepare(self, source: Artifact, backend: Backend, dtype: str,
                  passes: list[tuple[Registered[Optimizer], PassOptions]]) -> tuple[Artifact, Artifact, list[Path]]:
-        """Export to the backend's format and run the passes, each step cached.
+        """Run the source-stage passes, export to the backend's format, run the
+        backend-stage passes; every step cached.
 
-        Returns the unoptimized artifact, the final one, and the pass outputs.
+        Returns the unoptimized (exported) artifact, the final one, and the pass outputs.
         """
-        artifact = source
-        built: list[Path] = []
+        stages = [registered.cls.stage for registered, _ in passes]
+        if stages != sorted(stages, key=lambda s: s != "source"):
+            first_backend = next(r.cls.name for r, _ in passes if r.cls.stage == "backend")
+            late = next(r.cls.name for r, _ in passes[stages.index("backend"):] if r.cls.stage == "source")
+            raise UnsupportedError(f"pass {late!r} works on the source model and must come before {first_backend!r}")
         versions = backend.versions()
-        if backend.artifact_format != source.format:
-            key = key_digest(source.digest, backend.name, dtype, versions)
-            path = self.cache.build(
-                "exports", f"{backend.name}-{key}",
-                lambda out: backend.export(source, out, dtype=dtype),
-                describe=f"export {source.source} to {backend.name}",
-            )
-            artifact = source.derive(path, backend.artifact_format, key)
-        base = artifact
+        built: list[Path] = []
+        artifact = source
         for registered, options in passes:
-            optimizer_cls = registered.cls
-            if backend.name not in optimizer_cls.backends:
-                supported = ", ".join(sorted(optimizer_cls.backends)) or "none"
-                raise UnsupportedError(
-                    f"pass {optimizer_cls.name!r} does not support backend {backend.name!r}; it supports: {supported}"
-                )
-            key = key_digest(artifact.digest, optimizer_cls.name, optimizer_cls.version, options.model_dump(),
-                             backend.name, dtype, versions, registered.plugin.version)
-            path = self.cache.build(
-                "passes", f"{optimizer_cls.name}-{key}",
-                lambda out, cls=optimizer_cls, src=artifact, opts=options: cls().apply(
-                    src, out, backend=backend.name, options=opts),
-                describe=f"pass {optimizer_cls.name} on {backend.name}",
-            )
-            artifact = artifact.derive(path, artifact.format, key)
-            built.append(path)
+            if registered.cls.stage == "source":
+                artifact = self._run_pass(registered, options, artifact, backend, built, key_parts=())
+        artifact = self._export(artifact, backend, dtype, versions)
+        for registered, options in passes:
+            if registered.cls.stage == "backend":
+                artifact = self._run_pass(registered, options, artifact, backend, built,
+                                          key_parts=(backend.name, dtype, versions))
+        base = self._export(source, backend, dtype, versions) if built else artifact
         return base, artifact, built
+
+    def _export(self, source: Artifact, backend: Backend, dtype: str, versions: dict[str, str]) -> Artifact:
+        if backend.artifact_format == source.format:
+            return source
+        key = key_digest(source.digest, backend.name, dtype, versions)
+        path = self.cache.build(
+            "exports", f"{backend.name}-{key}",
+            lambda out: backend.export(source, out, dtype=dtype),
+            describe=f"export {source.source} to {backend.name}",
+        )
+        return source.derive(path, backend.artifact_format, key)
+
+    def _run_pass(self, registered: Registered[Optimizer], options: PassOptions, artifact: Artifact,
+                  backend: Backend, built: list[Path], key_parts: tuple[Any, ...]) -> Artifact:
+        optimizer_cls = registered.cls
+        if backend.name not in optimizer_cls.backends:
+            supported = ", ".join(sorted(optimizer_cls.backends)) or "none"
+            raise UnsupportedError(
+                f"pass {optimizer_cls.name!r} does not support backend {backend.name!r}; it supports: {supported}"
+            )
+        key = key_digest(artifact.digest, optimizer_cls.name, optimizer_cls.version, options.model_dump(),
+                         registered.plugin.version, *key_parts)
+        path = self.cache.build(
+            "passes", f"{optimizer_cls.name}-{key}",
+            lambda out: optimizer_cls().apply(artifact, out, backend=backend.name, options=options),
+            describe=f"pass {optimizer_cls.name} on {backend.name}",
+        )
+        built.append(path)
+        return artifact.derive(path, artifact.format, key)
 
     def _quality_gate(self, version: ModelVersion, base: Artifact, backend: Backend, device: str, dtype: str,
                       options: BackendOptions) -> dict[str, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -37,6 +37,10 @@ class Optimizer(ABC):
     version: ClassVar[str] = "1"
     #: Backends whose artifacts this pass can transform.
     backends: ClassVar[frozenset[str]] = frozenset()
+    #: "backend": runs on the backend's artifact (after export). "source": runs on the
+    #: Hugging Face source before any export, so one output serves every backend; such
+    #: passes come first in a pipeline.
+    stage: ClassVar[Literal["source", "backend"]] = "backend"
     #: Importable modules the pass needs, and the install line when they are missing.
     requires: ClassVar[tuple[str, ...]] = ()
     install: ClassVar[str] = ""

@@ -104,7 +104,7 @@ def test_pass_output_is_cached_and_the_input_untouched(tmp_path, tiny_llama):
         (["quantize:preset=nope"], "torch", llmk.UnknownNameError, "known: dynamic-int8-lossy, int4, int4-g64, int8"),
         (["quantize:activations=true,bits=4"], "torch", llmk.OptionsError, "needs bits=8"),
         (["quantize:activations=true"], "openvino", llmk.UnsupportedError, "not available on openvino"),
-        (["nope"], "torch", llmk.UnknownNameError, "unknown pass 'nope'; known: quantize"),
+        (["nope"], "torch", llmk.UnknownNameError, "unknown pass 'nope'; known: prune, quantize"),
     ],
 )
 def test_refusals_name_the_problem(kernel, tiny_llama, passes, backend, error, message):
@@ -167,6 +167,46 @@ def test_cli_pass_syntax_and_eval_report(tmp_path, tiny_llama):
     assert report["size_ratio"] < 0.8
     assert report["perplexity_change"] == pytest.approx(report["perplexity"] / report["baseline"]["perplexity"] - 1)
     assert report["decode_tokens_per_s"] > 0 and report["baseline"]["decode_tokens_per_s"] > 0
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_structured_prune_shrinks_the_model_on_every_backend(kernel, tiny_llama, backend):
+    base = kernel.load(f"{backend}-fp32", source=str(tiny_llama), backend=backend)
+    pruned = kernel.load(f"{backend}-pruned", source=str(tiny_llama), backend=backend, passes=["prune:sparsity=0.25"])
+    assert artifact_bytes(pruned.version.artifact.path) < artifact_bytes(base.version.artifact.path)
+    assert pruned.generate(["The cat", "Hello!"], max_tokens=8, temperature=0)[0].completion_tokens == 8
+    assert 1 < pruned.perplexity(TEXT) < 10 * base.perplexity(TEXT)
+
+
+def test_structured_prune_removes_whole_mlp_channels(kernel, tiny_llama):
+    pruned = kernel.load("pruned", source=str(tiny_llama), backend="torch", passes=["prune:preset=mlp-25"])
+    config = json.loads((pruned.version.artifact.path / "config.json").read_text())
+    assert config["intermediate_size"] == 96  # 128 * 0.75, in steps of 32
+    weights = _weights(pruned.version.artifact.path)
+    assert weights["model.layers.0.mlp.gate_proj.weight"].shape == (96, 64)
+    assert weights["model.layers.0.mlp.down_proj.weight"].shape == (64, 96)
+
+
+def test_magnitude_prune_zeroes_the_smallest_weights(kernel, tiny_llama):
+    pruned = kernel.load("sparse", source=str(tiny_llama), backend="torch",
+                         passes=["prune:method=magnitude,sparsity=0.5"])
+    weights = _weights(pruned.version.artifact.path)
+    zeros = float((weights["model.layers.1.self_attn.q_proj.weight"] == 0).float().mean())
+    assert 0.5 <= zeros < 0.55
+
+
+def test_source_passes_come_first_and_compose_with_quantize(kernel, tiny_llama):
+    with pytest.raises(llmk.UnsupportedError, match="'prune' works on the source model and must come before"):
+        kernel.load("bad-order", source=str(tiny_llama), backend="openvino", passes=["quantize", "prune"])
+    both = kernel.load("both", source=str(tiny_llama), backend="openvino", passes=["prune:sparsity=0.25", "quantize"])
+    assert both.status()["passes"] == ["prune:sparsity=0.25", "quantize"]
+    assert both.generate("The cat", max_tokens=4, temperature=0).completion_tokens == 4
 
 
 # -- SmolLM2 ----------------------------------------------------------------------

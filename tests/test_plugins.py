@@ -254,7 +254,7 @@ def test_unknown_pass_lists_the_known_ones(tmp_path, fake_plugin):
     kernel = make_kernel(tmp_path, autoload=False, plugins=[fake_plugin, PassPlugin()])
     with pytest.raises(UnknownNameError) as info:
         load_fake(kernel, passes=["qantize"])
-    assert info.value.kind == "pass" and info.value.known == ["copy", "quantize"]
+    assert info.value.kind == "pass" and {"copy", "prune", "quantize"} <= set(info.value.known)
     assert "copy" in str(info.value)
     # The known pass does run, through register_passes.
     handle = load_fake(kernel, passes=["copy"])
