@@ -17,7 +17,6 @@ from typing import Any
 
 PROMPT = "Once upon a time"
 DECODE_TOKENS = 64
-PERPLEXITY_TEXT = Path(__file__).parent / "data" / "wiki.txt"
 
 
 @dataclass
@@ -45,12 +44,12 @@ class Row:
 
 def measure(backend: str, *, source: str, passes: list[str], runs: int, cache_dir: str | None) -> Row:
     from llmk.cli import artifact_bytes
-    from llmk.kernel import Kernel
+    from llmk.kernel import QUALITY_TEXT, Kernel
 
     row = Row(backend, ",".join(passes) or "none")
     with Kernel(cache_dir=cache_dir) as kernel:  # the first load builds what the cache lacks
         model = kernel.load("bench", source=source, backend=backend, passes=passes)
-        row.perplexity = model.perplexity(PERPLEXITY_TEXT.read_text())
+        row.perplexity = model.perplexity(QUALITY_TEXT.read_text())
         row.artifact_bytes = artifact_bytes(model.version.artifact.path)
     for _ in range(runs):
         with Kernel(cache_dir=cache_dir) as kernel:

@@ -120,10 +120,13 @@ class ModelHandle:
             version.release()
             raise
         stream = self._stream_leased(version, ids, params)
-        next(stream)  # enter the try block: from now on close() or garbage collection releases the lease
+        # Consume the leading None: the generator is now inside its try block, so
+        # close() or garbage collection releases the lease even if never iterated.
+        next(stream)
         return stream
 
-    def _stream_leased(self, version: ModelVersion, ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
+    def _stream_leased(self, version: ModelVersion, ids: list[int],
+                       params: SamplingParams) -> Iterator[StreamChunk | None]:
         produced = 0
         try:
             yield None  # consumed by _stream

@@ -185,6 +185,7 @@ def convert_gguf(source: str, gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    log.info("source.converting", source=source, file=str(gguf_path))
     print(f"llmk: converting {gguf_path.name} to safetensors once; later loads use the cache", file=sys.stderr)
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.enable_progress_bar()  # this conversion is long: always show its progress

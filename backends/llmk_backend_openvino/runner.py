@@ -68,13 +68,11 @@ class OpenVINORunner(Runner):
         self.device = device
         self.max_context = meta["max_context"]
         self._weights_bytes = sum(f.stat().st_size for f in artifact.path.glob("model.bin"))
-        self._spare: list[ov.InferRequest] = []
 
     def _request(self) -> ov.InferRequest:
         # One request per batch in flight: the request owns that batch's cache.
-        request = self._spare.pop() if self._spare else self.compiled.create_infer_request()
-        request.reset_state()
-        return request
+        # (Creating one takes about a millisecond; not worth pooling.)
+        return self.compiled.create_infer_request()
 
     def _infer(self, request: ov.InferRequest, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                rows: np.ndarray) -> np.ndarray:
@@ -97,11 +95,9 @@ class OpenVINORunner(Runner):
         return np.array(logits[:, -1], dtype=np.float32)
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
-        request = self._request()
         ids = np.asarray([token_ids], dtype=np.int64)
         positions = np.arange(len(token_ids), dtype=np.int64)[None]
-        logits = self._infer(request, ids, np.ones_like(ids), positions, np.zeros(1, dtype=np.int32))
-        self._spare.append(request)
+        logits = self._infer(self._request(), ids, np.ones_like(ids), positions, np.zeros(1, dtype=np.int32))
         return np.array(logits[0], dtype=np.float32)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -113,5 +109,4 @@ class OpenVINORunner(Runner):
         return self._weights_bytes
 
     def close(self) -> None:
-        self._spare.clear()
         self.compiled = None
