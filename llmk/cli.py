@@ -163,7 +163,8 @@ def plugin_listing(kernel: Any) -> dict[str, list[dict[str, Any]]]:
             for name, item in sorted(plugins.backends.items.items())
         ],
         "passes": [
-            entry(name, item, {"backends": sorted(item.cls.backends), "presets": sorted(item.cls.presets)})
+            entry(name, item, {"backends": sorted(item.cls.backends), "native": sorted(item.cls.native),
+                               "presets": sorted(item.cls.presets)})
             for name, item in sorted(plugins.passes.items.items())
         ],
     }

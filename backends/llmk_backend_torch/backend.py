@@ -41,13 +41,13 @@ class TorchBackend(Backend):
 
         if options.threads:
             torch.set_num_threads(options.threads)
-        from llmk_backend_torch.quantized import is_quantized, load_quantized
+        from llmk_backend_torch.checkpoint import is_custom, load_custom
 
         auto = AutoModelForCausalLM if artifact.task == "generate" else AutoModel
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
         try:
-            if is_quantized(artifact.path):
-                model = load_quantized(artifact.path, auto, torch_dtype)
+            if is_custom(artifact.path):
+                model = load_custom(artifact.path, auto, torch_dtype, options.attention)
             else:
                 model = auto.from_pretrained(str(artifact.path), dtype=torch_dtype,
                                              attn_implementation=options.attention)

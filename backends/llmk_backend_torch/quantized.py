@@ -1,4 +1,4 @@
-"""Weight-only quantized linear layers, and loading the checkpoints that hold them.
+"""Weight-only quantized linear layers.
 
 The format (written by the ``quantize`` pass, read here): ``config.json`` has
 ``"llmk_quantization": {"bits": 8|4, "group_size": G, "modules": [names]}``;
@@ -12,8 +12,6 @@ zero is the GGUF Q4_1 grid, so SmolLM2's weights round-trip exactly.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,31 +49,12 @@ class QuantizedLinear(torch.nn.Module):
         return F.linear(x, self.weight_matrix(), self.bias)
 
 
-def is_quantized(path: Path) -> bool:
-    return CONFIG_KEY in json.loads((path / "config.json").read_text())
-
-
-def load_quantized(path: Path, auto: Any, dtype: torch.dtype) -> torch.nn.Module:
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-    from transformers.initialization import no_init_weights
-
-    config = AutoConfig.from_pretrained(str(path))
-    spec = getattr(config, CONFIG_KEY)
-    with no_init_weights():
-        model = auto.from_config(config, dtype=dtype)
+def quantize_modules(model: torch.nn.Module, spec: dict[str, Any], dtype: torch.dtype) -> None:
+    """Replace the listed ``nn.Linear`` modules with empty quantized ones (the
+    checkpoint's tensors are loaded into them next)."""
     for name in spec["modules"]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         setattr(parent, child, QuantizedLinear(linear.in_features, linear.out_features, spec["bits"],
                                                spec["group_size"], linear.bias is not None, dtype))
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embeddings
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
-    return model

@@ -50,19 +50,14 @@ def _is_linear_weight(name: str, tensor) -> bool:  # noqa: ANN001 - torch.Tensor
 
 
 def _quantize(weight, bits: int, group: int):  # noqa: ANN001, ANN202 - torch tensors
+    """The checkpoint tensors of one projection: ``(qweight, scales, zeros)``."""
     import torch
 
-    rows, cols = weight.shape
-    grouped = weight.reshape(rows, cols // group, group)
+    from llmk_pass_quantize.grids import asymmetric_uint4, pack_uint4, symmetric_int8
+
+    array = weight.numpy()
     if bits == 8:  # symmetric: zero is exactly representable
-        scales = grouped.abs().amax(dim=-1) / 127.0
-        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-        q = torch.clamp(torch.round(grouped / scales[..., None]), -127, 127).to(torch.int8)
-        return q.reshape(rows, cols).contiguous(), scales.contiguous(), torch.zeros_like(scales)
-    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
-    scales = (high - low) / 15.0
-    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-    q = torch.clamp(torch.round((grouped - low[..., None]) / scales[..., None]), 0, 15).to(torch.uint8)
-    q = q.reshape(rows, cols)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-    return packed, scales.contiguous(), low.contiguous()
+        q, scales = symmetric_int8(array, group)
+        return torch.from_numpy(q), torch.from_numpy(scales), torch.zeros(scales.shape)
+    q, scales, minimums = asymmetric_uint4(array, group)
+    return torch.from_numpy(pack_uint4(q)), torch.from_numpy(scales), torch.from_numpy(minimums)

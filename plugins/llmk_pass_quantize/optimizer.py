@@ -2,6 +2,12 @@
 decompressed inside the matrix multiplications; activations stay in floating
 point, which is what keeps perplexity close to the original.
 
+The grids are in ``grids.py``: int8 symmetric, int4 with a float minimum (GGUF's
+Q8_0 and Q4_1). On onnxruntime and openvino the embedding table and the output
+head are always 8-bit (groups of 32) and stored once when tied; on torch they
+stay in float, because PyTorch has no fast low-bit CPU kernel for a 49152-row head
+at batch 1 (dequantizing it costs 142 ms a token against 9 ms in fp32).
+
 Activation quantization (``activations=True``) exists only as an explicitly
 named lossy mode: measured on SmolLM2 it roughly doubles perplexity.
 """
@@ -20,7 +26,8 @@ from llmk.optimizer import Optimizer, PassOptions
 
 class QuantizeOptions(PassOptions):
     bits: Literal[4, 8] = 8
-    #: Weights per scale (and zero point) for int4; int8 uses one scale per output channel.
+    #: Weights per scale and minimum for int4. int8 uses groups of 32 on onnxruntime and
+    #: openvino (their fast kernels are block-wise) and one scale per row on torch.
     group_size: Literal[16, 32, 64, 128] = 32
     #: Also quantize activations at run time (dynamic int8). Lossy: ~2x perplexity on SmolLM2.
     activations: bool = False
@@ -38,7 +45,9 @@ class QuantizeOptions(PassOptions):
 
 class QuantizePass(Optimizer):
     name = "quantize"
-    version = "2"  # 2: int4 on onnxruntime also quantizes the embedding table
+    # 3: onnxruntime and openvino write their own graphs: int4 with a float minimum,
+    #    the embedding table and output head in 8 bits
+    version = "3"
     backends: ClassVar[frozenset[str]] = frozenset({"torch", "onnxruntime", "openvino"})
     Options = QuantizeOptions
     presets: ClassVar[dict[str, dict]] = {

@@ -1,0 +1,47 @@
+"""Loading llmk's own checkpoint variants: a Hugging Face directory whose
+``config.json`` says the projections are fused (``llmk_fusion``) and/or
+quantized (``llmk_quantization``), which transformers cannot load by itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmk_backend_torch.fused import CONFIG_KEY as FUSION_KEY
+from llmk_backend_torch.quantized import CONFIG_KEY as QUANTIZATION_KEY
+
+
+def is_custom(path: Path) -> bool:
+    config = json.loads((path / "config.json").read_text())
+    return FUSION_KEY in config or QUANTIZATION_KEY in config
+
+
+def load_custom(path: Path, auto: Any, dtype: torch.dtype, attention: str) -> torch.nn.Module:
+    """Build the model from its config, swap in the fused/quantized modules, load the weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    from llmk_backend_torch.fused import fuse_modules
+    from llmk_backend_torch.quantized import quantize_modules
+
+    config = AutoConfig.from_pretrained(str(path))
+    with no_init_weights():
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attention)
+        # Fusion first: a quantized checkpoint may list the fused projections.
+        if fusion := getattr(config, FUSION_KEY, None):
+            fuse_modules(model, fusion)
+        if quantization := getattr(config, QUANTIZATION_KEY, None):
+            quantize_modules(model, quantization, dtype)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model
