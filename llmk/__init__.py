@@ -39,6 +39,11 @@ _LAZY = {
     "ModelNotFoundError": "llmk.errors",
     "ModelLoadError": "llmk.errors",
     "QualityGateError": "llmk.errors",
+    "ModelNotReadyError": "llmk.errors",
+    "HealthCheckError": "llmk.errors",
+    "MemoryBudgetError": "llmk.errors",
+    "AlertRule": "llmk.monitor",
+    "State": "llmk.lifecycle",
 }
 
 __all__ = ["hookimpl", "hookspec", "__version__", *_LAZY]
@@ -59,9 +64,12 @@ if TYPE_CHECKING:
     from llmk.errors import (
         BackendUnavailableError,
         DuplicateNameError,
+        HealthCheckError,
         LlmkError,
+        MemoryBudgetError,
         ModelLoadError,
         ModelNotFoundError,
+        ModelNotReadyError,
         OptionsError,
         PluginError,
         QualityGateError,
@@ -72,5 +80,7 @@ if TYPE_CHECKING:
     from llmk.generation import GenerationResult, SamplingParams, StreamChunk
     from llmk.handle import ModelHandle
     from llmk.kernel import Kernel
+    from llmk.lifecycle import State
+    from llmk.monitor import AlertRule
     from llmk.optimizer import Optimizer, PassOptions
     from llmk.spec import ModelSpec, PassSpec

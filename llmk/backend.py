@@ -37,6 +37,10 @@ class BackendOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: Files that hold weights, in the formats the built-in backends load.
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".onnx", ".data", ".gguf"})
+
+
 class Backend(ABC):
     """A runtime plugin. Subclass it, set the class attributes, implement ``load``.
 
@@ -90,6 +94,14 @@ class Backend(ABC):
         failure or a kill leaves nothing half-written behind.
         """
         raise UnsupportedError(f"backend {self.name!r} cannot export {source.format!r} artifacts")
+
+    def estimate_memory(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions) -> int:
+        """Bytes the loaded model will hold, estimated before loading it (the
+        kernel makes room under its memory budget with this). The default is the
+        size of the weight files, which is what the graph runtimes keep in memory;
+        override it when loading changes the size (a dtype conversion)."""
+        return sum(f.stat().st_size for f in artifact.path.rglob("*")
+                   if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
 
     @abstractmethod
     def load(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions, cache: Cache) -> Runner:

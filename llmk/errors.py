@@ -88,6 +88,33 @@ class ModelLoadError(LlmkError):
         super().__init__(f"model {model!r} failed to load: {problem}")
 
 
+class ModelNotReadyError(LlmkError):
+    """A request waited for a model that is loading, longer than it may."""
+
+    def __init__(self, model: str, waited: float):
+        self.model, self.waited = model, waited
+        super().__init__(f"model {model!r} is still loading after {waited:.1f}s")
+
+
+class HealthCheckError(ModelLoadError):
+    """A loaded version failed its warm-up request or returned unusable output."""
+
+
+class MemoryBudgetError(LlmkError):
+    """A model does not fit in the kernel's memory budget, even after evicting
+    every idle model that may be evicted."""
+
+    def __init__(self, model: str, needed: int, budget: int, used: int, evictable: int):
+        from llmk.memory import format_size
+
+        self.model, self.needed, self.budget, self.used, self.evictable = model, needed, budget, used, evictable
+        super().__init__(
+            f"model {model!r} needs about {format_size(needed)} but the memory budget is {format_size(budget)} "
+            f"with {format_size(max(0, budget - used))} free, and evicting every idle, unpinned model past its "
+            f"keep-alive would free only {format_size(evictable)} more; unload a model or raise memory_budget"
+        )
+
+
 class QualityGateError(LlmkError):
     """An optimized artifact lost more quality than its pipeline allows."""
 

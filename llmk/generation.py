@@ -102,6 +102,13 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     return int(rng.choice(probs.shape[-1], p=probs))
 
 
+@dataclass
+class Timing:
+    """What ``Engine.run`` measured for one request."""
+
+    queue_wait: float = 0.0  # seconds waiting for the runner (other requests' steps) before the prefill
+
+
 class _Sequence:
     """One prompt being completed: its tokens, text and stop state."""
 
@@ -148,7 +155,7 @@ class Engine:
     def __init__(self, runner: Runner, tokenizer: Tokenizer):
         self.runner = runner
         self.tokenizer = tokenizer
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # held for each runner call
 
     # -- generation -------------------------------------------------------
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
@@ -161,13 +168,18 @@ class Engine:
             )
         return ids
 
-    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[tuple[int, StreamChunk]]]:
+    def run(self, prompts: list[list[int]], params: list[SamplingParams],
+            timing: Timing | None = None) -> Iterator[list[tuple[int, StreamChunk]]]:
         """Complete ``prompts`` as one batch; yields, per step, ``(index, chunk)``
-        for every sequence that produced a token."""
+        for every sequence that produced a token. ``timing`` gets the time spent
+        waiting for the runner before the prefill."""
         if self.runner.task != "generate":
             raise UnsupportedError("this model embeds text; it does not generate")
         seqs = [_Sequence(p, q, self.tokenizer, self.runner.max_context) for p, q in zip(prompts, params)]
-        with self._lock:
+        waiting = time.perf_counter()
+        with self.lock:
+            if timing is not None:
+                timing.queue_wait = time.perf_counter() - waiting
             state, logits = self.runner.prefill(prompts)
         rows = list(range(len(seqs)))  # rows[i] = index of the sequence in batch row i
         while True:
@@ -181,16 +193,17 @@ class Engine:
             if len(keep) < len(rows):
                 state.select(keep)
                 rows = [rows[row] for row in keep]
-            with self._lock:
+            with self.lock:
                 logits = self.runner.decode(state, [seqs[index].ids[-1] for index in rows])
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams],
+                 timing: Timing | None = None) -> list[GenerationResult]:
         started = time.perf_counter()
         first: dict[int, float] = {}
         texts = ["" for _ in prompts]
         ids: list[list[int]] = [[] for _ in prompts]
         reasons: list[Any] = [None for _ in prompts]
-        for events in self.run(prompts, params):
+        for events in self.run(prompts, params, timing):
             for index, chunk in events:
                 first.setdefault(index, time.perf_counter() - started)
                 texts[index] += chunk.text
@@ -202,8 +215,8 @@ class Engine:
             for i in range(len(prompts))
         ]
 
-    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
-        for events in self.run([prompt], [params]):
+    def stream(self, prompt: list[int], params: SamplingParams, timing: Timing | None = None) -> Iterator[StreamChunk]:
+        for events in self.run([prompt], [params], timing):
             for _, chunk in events:
                 yield chunk
 
@@ -224,7 +237,7 @@ class Engine:
         start = 0
         while scored_to < len(ids):
             chunk = ids[start:start + window]
-            with self._lock:
+            with self.lock:
                 logits = self.runner.logits(chunk).astype(np.float64)
             # logits[t] predicts chunk[t + 1]; score only positions not yet counted.
             first = scored_to - start
@@ -247,7 +260,7 @@ class Engine:
         if not texts:
             return []
         input_ids, mask = self.tokenizer.batch(list(texts))
-        with self._lock:
+        with self.lock:
             hidden = self.runner.encode(input_ids, mask).astype(np.float64)
         weights = mask[:, :, None].astype(np.float64)
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, overload
 
 from llmk.errors import OptionsError
-from llmk.generation import GenerationResult, SamplingParams, StreamChunk
+from llmk.generation import GenerationResult, SamplingParams, StreamChunk, Timing
+from llmk.monitor import RequestRecord
 
 if TYPE_CHECKING:
     from llmk.kernel import Kernel
@@ -51,24 +53,25 @@ class ModelHandle:
         return self._kernel._current(self.name)
 
     def status(self) -> dict[str, Any]:
-        return self.version.status()
+        return self.version.status(current=True)
 
     @contextmanager
-    def _lease(self) -> Iterator[ModelVersion]:
+    def _lease(self) -> Iterator[tuple[ModelVersion, RequestRecord, Timing]]:
+        """The current version, leased for one call, and the record of that call."""
         version = self._kernel._acquire(self.name)
+        record, timing = RequestRecord(), Timing()
         try:
-            yield version
+            yield version, record, timing
+        except OptionsError:  # the caller's mistake, not the model's
+            record.rejected = True
+            raise
         except Exception:
-            version.counters.errors += 1
+            record.error = True
             raise
         finally:
             version.release()
-
-    @staticmethod
-    def _count(version: ModelVersion, results: list[GenerationResult]) -> None:
-        version.counters.requests += 1
-        version.counters.tokens_in += sum(r.prompt_tokens for r in results)
-        version.counters.tokens_out += sum(r.completion_tokens for r in results)
+            record.queue_wait = timing.queue_wait
+            self._kernel.lifecycle.record(version, record)
 
     # -- generation ---------------------------------------------------------
     @overload
@@ -86,19 +89,19 @@ class ModelHandle:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise OptionsError("generation", "no prompts given")
-        with self._lease() as version:
+        with self._lease() as (version, record, timing):
             engine = version.engine
             ids = [engine.prompt_ids(p) for p in prompts]
-            results = engine.generate(ids, [params] * len(ids))
-            self._count(version, results)
+            results = engine.generate(ids, [params] * len(ids), timing)
+            _measure(record, results)
         return results[0] if isinstance(prompt, str) else results
 
     def chat(self, messages: Messages, **params: Any) -> GenerationResult:
         """Answer a conversation, formatted with the model's chat template."""
-        with self._lease() as version:
+        with self._lease() as (version, record, timing):
             ids = version.engine.prompt_ids(version.engine.tokenizer.apply_chat_template(_check_messages(messages)))
-            (result,) = version.engine.generate([ids], [SamplingParams.build(**params)])
-            self._count(version, [result])
+            (result,) = version.engine.generate([ids], [SamplingParams.build(**params)], timing)
+            _measure(record, [result])
         return result
 
     def stream(self, prompt: str, **params: Any) -> Iterator[StreamChunk]:
@@ -127,36 +130,40 @@ class ModelHandle:
 
     def _stream_leased(self, version: ModelVersion, ids: list[int],
                        params: SamplingParams) -> Iterator[StreamChunk | None]:
-        produced = 0
+        started = time.perf_counter()
+        record, timing = RequestRecord(tokens_in=len(ids)), Timing()
+        first = 0.0
         try:
             yield None  # consumed by _stream
-            for chunk in version.engine.stream(ids, params):
-                produced += len(chunk.token_ids)
+            for chunk in version.engine.stream(ids, params, timing):
+                if not record.tokens_out:
+                    first = time.perf_counter() - started
+                    record.ttft = first
+                record.tokens_out += len(chunk.token_ids)
                 yield chunk
         except Exception:
-            version.counters.errors += 1
+            record.error = True
             raise
         finally:
-            version.counters.requests += 1
-            version.counters.tokens_in += len(ids)
-            version.counters.tokens_out += produced
             version.release()
+            if record.tokens_out > 1:
+                record.tpot = (time.perf_counter() - started - first) / (record.tokens_out - 1)
+            record.queue_wait = timing.queue_wait
+            self._kernel.lifecycle.record(version, record)
 
     # -- embeddings and scoring -----------------------------------------------
     def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
         """Sentence embeddings (L2-normalized), one vector per text."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        with self._lease() as version:
+        with self._lease() as (version, record, _):
             vectors = version.engine.embed(texts)
-            version.counters.requests += 1
+            record.tokens_in = len(texts)
         return vectors
 
     def perplexity(self, text: str) -> float:
         """Perplexity of the model on ``text`` (lower is better)."""
-        with self._lease() as version:
-            value = version.engine.perplexity(text)
-            version.counters.requests += 1
-        return value
+        with self._lease() as (version, _, _):
+            return version.engine.perplexity(text)
 
     # -- async variants, for host apps running an event loop -------------------
     async def agenerate(self, prompt: str | list[str], **params: Any) -> Any:
@@ -176,6 +183,16 @@ class ModelHandle:
 
     def achat_stream(self, messages: Messages, **params: Any) -> AsyncIterator[StreamChunk]:
         return _to_async(lambda: self.chat_stream(messages, **params))
+
+
+def _measure(record: RequestRecord, results: list[GenerationResult]) -> None:
+    """Tokens and latencies of a (batched) generation, as one request."""
+    record.tokens_in = sum(r.prompt_tokens for r in results)
+    record.tokens_out = sum(r.completion_tokens for r in results)
+    record.ttft = min(r.first_token_seconds for r in results)
+    paced = [(r.seconds - r.first_token_seconds) / (r.completion_tokens - 1)
+             for r in results if r.completion_tokens > 1]
+    record.tpot = sum(paced) / len(paced) if paced else None
 
 
 async def _to_async(make: Any) -> AsyncIterator[StreamChunk]:

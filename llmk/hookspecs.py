@@ -15,7 +15,7 @@ Rules the kernel keeps so that plugins stay compatible:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -90,3 +90,27 @@ def model_load_failed(name: str, version: int, spec: ModelSpec, error: Exception
 @hookspec
 def model_unloaded(name: str, version: int) -> None:
     """Observer: ``version`` of ``name`` has drained and its memory is released."""
+
+
+@hookspec
+def model_state_changed(name: str, version: int, state: str, previous: str, detail: dict[str, Any]) -> None:
+    """Observer: ``version`` of ``name`` moved from ``previous`` to ``state``.
+
+    States: loading, warming, ready, draining, unloading, unloaded, failed
+    (``llmk.State``). ``detail`` says why or how: on ``ready`` the load's
+    ``seconds``, ``mode`` ("new", "alongside", "replace") and ``memory_bytes``;
+    on ``draining`` the ``reason`` ("swapped", "replaced", "unload",
+    "evicted:memory", "evicted:expired"); on ``failed`` the ``error``. Every
+    transition is also logged as the ``model.state_changed`` event.
+    """
+
+
+@hookspec
+def model_alert(name: str, version: int, alert: dict[str, Any]) -> None:
+    """Observer: an alert rule of the kernel changed state for ``version`` of ``name``.
+
+    ``alert`` has ``metric`` (e.g. ``ttft_p95_seconds``, ``error_rate``),
+    ``value``, ``threshold`` and ``state``: "firing" when the metric crossed
+    above the threshold, "resolved" when it fell back. Edge-triggered: one
+    call per crossing, not one per request.
+    """

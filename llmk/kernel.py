@@ -6,7 +6,8 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,8 @@ from llmk.backend import Backend, BackendOptions
 from llmk.cache import Cache, key_digest
 from llmk.errors import (
     BackendUnavailableError,
+    HealthCheckError,
     LlmkError,
-    ModelLoadError,
-    ModelNotFoundError,
     OptionsError,
     QualityGateError,
     UnsupportedError,
@@ -25,8 +25,10 @@ from llmk.errors import (
 )
 from llmk.generation import Engine, SamplingParams
 from llmk.handle import ModelHandle
-from llmk.lifecycle import ModelVersion, State
+from llmk.lifecycle import Lifecycle, ModelVersion
 from llmk.logs import get_logger
+from llmk.memory import parse_size
+from llmk.monitor import AlertRule
 from llmk.optimizer import Optimizer, PassOptions
 from llmk.plugins import Plugins, Registered
 from llmk.spec import ModelSpec, PassSpec
@@ -44,6 +46,15 @@ class Kernel:
     ``disable``/``autoload``/``plugins`` control which plugins take part (see
     ``llmk.plugins``); ``cache_dir`` holds converted sources, exports and pass
     outputs (default ``$LLMK_CACHE_DIR`` or ``~/.cache/llmk``).
+
+    Lifecycle (``llmk.lifecycle``): ``memory_budget`` (bytes or ``"8GiB"``;
+    default unlimited) bounds what loaded models may hold, evicting idle ones to
+    make room; ``drain_timeout`` is how long a retired version waits for its
+    running requests; ``wait_timeout`` how long a request waits for a model that
+    is loading; ``alerts`` are threshold rules (``AlertRule``) reported through
+    the ``model_alert`` hook; ``reap_interval`` is how often idle models past
+    their keep-alive are unloaded (0: only when ``reap()`` is called);
+    ``clock`` (monotonic seconds) is injectable for tests.
     """
 
     def __init__(
@@ -53,73 +64,92 @@ class Kernel:
         disable: Iterable[str] = (),
         autoload: bool | None = None,
         plugins: Iterable[Any] = (),
+        memory_budget: int | str | None = None,
         drain_timeout: float = 60.0,
+        wait_timeout: float = 300.0,
+        alerts: Iterable[AlertRule] = (),
+        reap_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.plugins = Plugins(disable=disable, autoload=autoload, plugins=plugins)
         self.cache = Cache(cache_dir)
-        self.drain_timeout = drain_timeout
-        self._models: dict[str, ModelVersion] = {}
-        self._numbers: dict[str, int] = {}
-        self._lock = threading.RLock()
-        self._load_lock = threading.Lock()  # one load at a time: loads compete for memory and cores
+        self.lifecycle = Lifecycle(self, notify=self.plugins.notify, budget=parse_size(memory_budget),
+                                   clock=clock, drain_timeout=drain_timeout, wait_timeout=wait_timeout,
+                                   alerts=list(alerts))
+        self._reaper = _Reaper(self.lifecycle, reap_interval) if reap_interval > 0 else None
 
     # -- serving ---------------------------------------------------------------
-    def load(self, name: str, source: str | None = None, **fields: Any) -> ModelHandle:
+    def load(self, name: str, source: str | None = None, *, pinned: bool = False, keep_alive: float | None = None,
+             **fields: Any) -> ModelHandle:
         """Load ``source`` as ``name`` and return its handle.
 
         ``fields`` are those of ``ModelSpec``: ``backend`` (default ``auto``),
         ``device``, ``dtype``, ``passes``, ``options`` (backend options),
         ``max_ppl_increase`` (the passes' quality gate), ``max_batch_size``.
-        Loading a name that is already loaded with the same spec returns its
-        handle; with a different spec it hot-swaps.
+        ``pinned`` models are never evicted; ``keep_alive`` (seconds) protects a
+        model from eviction for that long after its last use, after which it is
+        unloaded once idle. Loading a name that is already loaded with the same
+        spec returns its handle; with a different spec it hot-swaps. Concurrent
+        loads of the same spec share one load.
         """
         spec = ModelSpec.build(f"model {name!r}", source=source, **fields)
-        with self._lock:
-            current = self._models.get(name)
-        if current is not None and current.spec == spec:
-            return ModelHandle(self, name)
-        return self._replace(name, spec)
+        self.lifecycle.load(name, spec, pinned=pinned, keep_alive=keep_alive)
+        if self._reaper is not None and keep_alive is not None:
+            self._reaper.start()
+        return ModelHandle(self, name)
 
     def swap(self, name: str, source: str | None = None, **fields: Any) -> ModelHandle:
         """Hot-swap ``name`` to a new spec; fields not given keep their current value.
 
-        The new version is loaded and warmed up beside the old one, then takes
-        over; calls already running finish on the old version, which is freed
-        once they are done. If the new version fails (load, warm-up or quality
-        gate), the old one keeps serving and the error is raised.
+        The new version is loaded and warmed up beside the old one when memory
+        allows, then takes over; calls already running finish on the old
+        version, which is freed once they are done. When both do not fit, the
+        old version is drained and freed first ("replace" mode, reported in the
+        ``model.swapped`` event and the lifecycle metrics), and requests wait
+        for the new one. If the new version fails (load, warm-up, health check
+        or quality gate), the old one keeps serving (in replace mode it is
+        loaded again) and the error is raised.
         """
-        current = self._current(name)
+        current = self.lifecycle.current(name)
         merged = current.spec.model_dump()
         merged.update(fields)
         if source is not None:
             merged["source"] = source
-        return self._replace(name, ModelSpec.build(f"model {name!r}", **merged))
+        spec = ModelSpec.build(f"model {name!r}", **merged)
+        self.lifecycle.load(name, spec, pinned=current.pinned, keep_alive=current.keep_alive)
+        return ModelHandle(self, name)
 
     def get(self, name: str) -> ModelHandle:
-        self._current(name)
+        """The handle of a model that is serving or loading (its calls wait for it)."""
+        self.lifecycle.check_known(name)
         return ModelHandle(self, name)
 
     def unload(self, name: str, *, timeout: float | None = None) -> None:
         """Stop routing requests to ``name``, wait for running ones, free the memory."""
-        with self._lock:
-            version = self._models.pop(name, None)
-        if version is None:
-            raise ModelNotFoundError(name, self.names())
-        self._retire(version, timeout)
+        self.lifecycle.unload(name, timeout)
 
     def names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._models)
+        return self.lifecycle.names()
 
     def status(self) -> list[dict[str, Any]]:
-        """Every model: state, spec, backend, device, memory and counters."""
-        with self._lock:
-            versions = [self._models[n] for n in sorted(self._models)]
-        return [v.status() for v in versions]
+        """Every version loading, serving or draining (and a name's last failed
+        load): state, spec, backend, device, memory, counters and latencies."""
+        return self.lifecycle.status()
+
+    def metrics(self) -> dict[str, Any]:
+        """Kernel-wide figures: the memory budget and use, loads, swaps and
+        rollbacks by result, evictions by reason."""
+        return {"memory": self.lifecycle.memory(), **self.lifecycle.stats.snapshot()}
+
+    def reap(self) -> list[str]:
+        """Unload idle models whose keep-alive has expired (the reaper thread
+        does this every ``reap_interval``); returns their names."""
+        return self.lifecycle.reap()
 
     def close(self) -> None:
-        for name in self.names():
-            self.unload(name)
+        if self._reaper is not None:
+            self._reaper.stop()
+        self.lifecycle.close()
 
     def __enter__(self) -> Kernel:
         return self
@@ -137,69 +167,10 @@ class Kernel:
     async def aunload(self, name: str) -> None:
         await asyncio.to_thread(self.unload, name)
 
-    # -- internals ---------------------------------------------------------------
-    def _acquire(self, name: str) -> ModelVersion:
-        """Lease the current version of ``name`` under the lock that swap and unload
-        take to replace it, so no version is retired between lookup and lease."""
-        with self._lock:
-            version = self._models.get(name)
-            if version is None:
-                raise ModelNotFoundError(name, sorted(self._models))
-            version.lease()
-            return version
-
-    def _current(self, name: str) -> ModelVersion:
-        with self._lock:
-            version = self._models.get(name)
-        if version is None:
-            raise ModelNotFoundError(name, self.names())
-        return version
-
-    def _replace(self, name: str, spec: ModelSpec) -> ModelHandle:
-        with self._lock:
-            number = self._numbers.get(name, 0) + 1
-            self._numbers[name] = number
-        version = ModelVersion(name=name, number=number, spec=spec)
-        self.plugins.notify("model_load_started", name=name, version=number, spec=spec)
-        log.info("model.load_started", model=name, version=number, source=spec.source, backend=spec.backend)
-        started = time.perf_counter()
-        try:
-            with self._load_lock:
-                self._build(version)
-        except Exception as error:
-            version.state = State.FAILED
-            version.close()
-            log.error("model.load_failed", model=name, version=number, error=str(error))
-            self.plugins.notify("model_load_failed", name=name, version=number, spec=spec, error=error)
-            if isinstance(error, LlmkError):
-                raise
-            raise ModelLoadError(name, repr(error)) from error
-        version.load_seconds = time.perf_counter() - started
-        version.loaded_at = time.time()
-        version.state = State.READY
-        with self._lock:
-            old = self._models.get(name)
-            self._models[name] = version
-        log.info("model.loaded", model=name, version=number, backend=version.backend, device=version.device,
-                 seconds=round(version.load_seconds, 3))
-        self.plugins.notify("model_loaded", name=name, version=number, spec=spec, backend=version.backend,
-                            device=version.device, seconds=version.load_seconds)
-        if old is not None:
-            self._retire(old, None)
-        return ModelHandle(self, name)
-
-    def _retire(self, version: ModelVersion, timeout: float | None) -> None:
-        version.state = State.DRAINING
-        if not version.wait_idle(self.drain_timeout if timeout is None else timeout):
-            log.warning("model.drain_timeout", model=version.name, version=version.number,
-                        active_requests=version.leases)
-        version.state = State.UNLOADING
-        version.close()
-        version.state = State.UNLOADED
-        log.info("model.unloaded", model=version.name, version=version.number)
-        self.plugins.notify("model_unloaded", name=version.name, version=version.number)
-
-    def _build(self, version: ModelVersion) -> None:
+    # -- the three steps of a load (``llmk.lifecycle.Steps``) ----------------------
+    def prepare(self, version: ModelVersion) -> int:
+        """Resolve names, the source and the backend; build the artifact (cached);
+        return the backend's memory estimate."""
         spec = version.spec
         # Names and options first: a typo must not cost a model conversion.
         if spec.backend != "auto":
@@ -212,17 +183,50 @@ class Kernel:
         dtype = spec.dtype if spec.dtype != "auto" else ("fp32" if device == "cpu" else "bf16")
         version.backend, version.device, version.dtype = backend_cls.name, device, dtype
         base, version.artifact, built = self._prepare(source, backend, dtype, passes)
-        runner = backend.load(version.artifact, device=device, dtype=dtype, options=options, cache=self.cache)
-        version.engine = Engine(runner, Tokenizer(source.tokenizer_dir, source=spec.source))
-        if built and spec.max_ppl_increase is not None:
+        version.plan = _Plan(source, backend, options, base, built)
+        return backend.estimate_memory(version.artifact, device=device, dtype=dtype, options=options)
+
+    def start(self, version: ModelVersion) -> None:
+        """Load the artifact; run the quality gate when the spec has one."""
+        plan: _Plan = version.plan
+        runner = plan.backend.load(version.artifact, device=version.device, dtype=version.dtype,
+                                   options=plan.options, cache=self.cache)
+        version.engine = Engine(runner, Tokenizer(plan.source.tokenizer_dir, source=version.spec.source))
+        if plan.built and version.spec.max_ppl_increase is not None:
             try:
-                version.quality = self._quality_gate(version, base, backend, device, dtype, options)
+                version.quality = self._quality_gate(version, plan.base, plan.backend, version.device,
+                                                     version.dtype, plan.options)
             except QualityGateError:
-                for path in built:  # never leave a refused artifact behind as a good cache entry
+                for path in plan.built:  # never leave a refused artifact behind as a good cache entry
                     self.cache.remove(path)
                 raise
-        version.state = State.WARMING
-        self._warm_up(version)
+
+    def warm_up(self, version: ModelVersion) -> None:
+        """Run one real request through the new version and check what it returns."""
+        import numpy as np
+
+        engine = version.engine
+        assert engine is not None
+        if engine.runner.task == "embed":
+            (vector,) = engine.embed([WARMUP_PROMPT])
+            healthy = bool(np.isfinite(vector).all()) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
+        else:
+            # Two tokens: one prefill and one decode step, the two graphs a request runs.
+            ids = engine.prompt_ids(WARMUP_PROMPT)
+            (result,) = engine.generate([ids], [SamplingParams(max_tokens=2, temperature=0.0)])
+            with engine.lock:
+                logits = engine.runner.logits(ids)
+            healthy = result.completion_tokens > 0 and bool(np.isfinite(logits).all())
+        if not healthy:
+            raise HealthCheckError(version.name, "the warm-up request returned non-finite or empty output")
+
+    # -- internals ---------------------------------------------------------------
+    def _acquire(self, name: str) -> ModelVersion:
+        """Lease the current version of ``name`` (waiting while it loads)."""
+        return self.lifecycle.acquire(name)
+
+    def _current(self, name: str) -> ModelVersion:
+        return self.lifecycle.current(name)
 
     def _resolve_pass(self, pass_spec: PassSpec) -> tuple[Registered[Optimizer], PassOptions]:
         registered = self.plugins.passes.get(pass_spec.name)
@@ -344,15 +348,42 @@ class Kernel:
             raise QualityGateError(pipeline, quality["baseline"], quality["optimized"], limit)
         return quality
 
-    def _warm_up(self, version: ModelVersion) -> None:
-        """Run one real request through the new version before it may serve."""
-        engine = version.engine
-        assert engine is not None
-        if engine.runner.task == "embed":
-            engine.embed([WARMUP_PROMPT])
-        else:
-            # Two tokens: one prefill and one decode step, the two graphs a request runs.
-            engine.generate([engine.prompt_ids(WARMUP_PROMPT)], [SamplingParams(max_tokens=2, temperature=0.0)])
+
+@dataclass
+class _Plan:
+    """What ``prepare`` resolved, for ``start`` to load."""
+
+    source: Artifact
+    backend: Backend
+    options: BackendOptions
+    base: Artifact  # the unoptimized export, the quality gate's baseline
+    built: list[Path]  # the pass outputs built for this load
+
+
+class _Reaper:
+    """A daemon thread that unloads models past their keep-alive."""
+
+    def __init__(self, lifecycle: Lifecycle, interval: float):
+        self.lifecycle, self.interval = lifecycle, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llmk-reaper", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.lifecycle.reap()
+            except Exception as error:  # keep reaping; the next pass may succeed
+                log.error("model.reap_failed", error=str(error))
 
 
 def _backend_options(cls: type[Backend], raw: dict[str, Any]) -> BackendOptions:

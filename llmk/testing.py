@@ -293,6 +293,10 @@ class FakeOptions(BackendOptions):
     salt: int = 0
     #: The runner's ``max_context``; ``logits`` refuses longer sequences.
     max_context: int = Field(2048, ge=2)
+    #: Bytes the backend estimates before loading and the runner reports holding.
+    memory: int = Field(1000, ge=0)
+    #: Every logit is NaN: the model loads but fails the kernel's health check.
+    nan: bool = False
 
 
 class FakeState(DecodeState):
@@ -344,7 +348,7 @@ class FakeRunner(Runner):
         row = ((last * 31 + np.arange(self.vocab_size) * 17) % 11).astype(np.float32) / 4.0
         eos = self.options.eos_at and generated == self.options.eos_at
         row[self.eos_id if eos else self.next_token(last)] = 10.0
-        return row
+        return row * np.float32("nan") if self.options.nan else row
 
     def _step(self) -> None:
         if self.closed:
@@ -395,7 +399,7 @@ class FakeRunner(Runner):
         return np.where(np.asarray(attention_mask)[:, :, None] > 0, hidden, 1000.0).astype(np.float32)
 
     def memory_bytes(self) -> int:
-        return 0 if self.closed else 1000 + self.vocab_size
+        return 0 if self.closed else self.options.memory
 
     def close(self) -> None:
         if not self.closed:
@@ -437,6 +441,10 @@ class FakeBackend(Backend):
         (out_dir / "fake-model.json").write_text(
             json.dumps({"source": source.source, "task": source.task, "dtype": dtype, "backend": self.name})
         )
+
+    def estimate_memory(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions) -> int:
+        assert isinstance(options, FakeOptions)
+        return options.memory
 
     def load(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions, cache: Cache) -> Runner:
         assert isinstance(options, FakeOptions)

@@ -80,10 +80,12 @@ def test_requests_update_the_counters(kernel):
     with pytest.raises(OptionsError):
         handle.generate("Hello " * 2000, max_tokens=1)
     after = handle.status()
-    assert after["requests"] == before["requests"] + 2
+    assert after["requests"] == before["requests"] + 3
     assert after["tokens_out"] == before["tokens_out"] + 8
     assert after["tokens_in"] == before["tokens_in"] + 2 * result.prompt_tokens
-    assert after["errors"] == before["errors"] + 1
+    # An invalid request is the caller's mistake: rejected, not a model error.
+    assert after["rejected"] == before["rejected"] + 1 and after["errors"] == before["errors"]
+    assert after["ttft_p50_seconds"] > 0 and after["tpot_p50_seconds"] > 0
     assert after["last_used"] >= before["last_used"]
 
 
@@ -204,11 +206,11 @@ def test_a_request_that_looked_up_the_model_just_before_a_swap_is_not_lost(kerne
     paused, go = threading.Event(), threading.Event()
     lease = ModelVersion.lease
 
-    def slow_lease(self):
+    def slow_lease(self, now):
         if threading.current_thread().name == "request" and not paused.is_set():
             paused.set()
             go.wait(5)
-        lease(self)
+        lease(self, now)
 
     monkeypatch.setattr(ModelVersion, "lease", slow_lease)
     request, box = in_thread(handle.generate, "Hello", max_tokens=4, temperature=0, thread_name="request")

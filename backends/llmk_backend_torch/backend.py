@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 from llmk.artifact import Artifact
@@ -10,6 +11,7 @@ from llmk.cache import Cache
 from llmk.errors import SourceError
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_INT_SIZES = {"I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 
 class TorchOptions(BackendOptions):
@@ -32,6 +34,21 @@ class TorchBackend(Backend):
 
         cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
         return [*cuda, "cpu"]
+
+    def estimate_memory(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions) -> int:
+        """Tensor sizes from the safetensors headers, float tensors at the target dtype."""
+        from safetensors import safe_open
+
+        itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+        total = 0
+        for file in artifact.path.glob("*.safetensors"):
+            with safe_open(str(file), framework="numpy") as weights:
+                for name in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    info = weights.get_slice(name)
+                    count = math.prod(info.get_shape())
+                    kind = info.get_dtype()
+                    total += count * (itemsize if kind.startswith(("F", "BF")) else _INT_SIZES.get(kind, 1))
+        return total
 
     def load(self, artifact: Artifact, *, device: str, dtype: str, options: TorchOptions, cache: Cache) -> Runner:
         import torch
