@@ -62,6 +62,10 @@ class Backend(ABC):
     #: comparable across backends and device types; a device type missing here is
     #: not supported. Measured: see docs/BENCHMARKS.md.
     speed_rank: ClassVar[dict[str, int]] = {"cpu": 0}
+    #: Resident memory per byte of weight files once loaded and warmed up (the
+    #: runtime's own copies, prepacked weights, arenas): what ``estimate_memory``
+    #: multiplies by. Measured: see docs/BENCHMARKS.md; err on the high side.
+    memory_factor: ClassVar[float] = 1.2
     Options: ClassVar[type[BackendOptions]] = BackendOptions
 
     @classmethod
@@ -98,10 +102,10 @@ class Backend(ABC):
     def estimate_memory(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions) -> int:
         """Bytes the loaded model will hold, estimated before loading it (the
         kernel makes room under its memory budget with this). The default is the
-        size of the weight files, which is what the graph runtimes keep in memory;
-        override it when loading changes the size (a dtype conversion)."""
-        return sum(f.stat().st_size for f in artifact.path.rglob("*")
-                   if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+        size of the weight files times ``memory_factor``; override it when loading
+        changes the size in other ways (a dtype conversion)."""
+        weights = sum(f.stat().st_size for f in artifact.path.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+        return int(weights * self.memory_factor)
 
     @abstractmethod
     def load(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions, cache: Cache) -> Runner:

@@ -64,7 +64,7 @@ class ModelVersion:
     engine: Engine | None = None
     quality: dict[str, float] | None = None  # the quality gate's measurement, when the spec has one
     memory_estimate: int = 0  # the backend's estimate before loading
-    rss_delta: int | None = None  # how much the process grew while it loaded (CPU)
+    rss_delta: int | None = None  # how much the process grew while it loaded and warmed up (CPU)
     load_seconds: float = 0.0
     loaded_at: float = 0.0  # wall-clock time
     last_used: float = 0.0  # the lifecycle's clock (monotonic), for eviction and keep-alive
@@ -97,6 +97,11 @@ class ModelVersion:
         """What the backend reports holding once loaded; the estimate before that."""
         engine = self.engine
         return engine.runner.memory_bytes() if engine is not None else self.memory_estimate
+
+    def budgeted_bytes(self) -> int:
+        """What the memory budget counts: the estimate or the report, whichever is
+        larger (estimates include the runtime's overhead; see ``Backend.memory_factor``)."""
+        return max(self.memory_estimate, self.memory_bytes())
 
     def close(self) -> None:
         engine, self.engine = self.engine, None
@@ -340,10 +345,10 @@ class Lifecycle:
                     self._replace_out(old)
                 rss = process_rss()
                 self.steps.start(version)
-                if version.device == "cpu":
-                    version.rss_delta = process_rss() - rss
                 self._set_state(version, State.WARMING)
                 self.steps.warm_up(version)
+                if version.device == "cpu":  # after the warm-up: memory-mapped weights are resident by then
+                    version.rss_delta = process_rss() - rss
         except Exception as error:
             self._fail(version, old, mode, error)
             if isinstance(error, LlmkError):
@@ -392,7 +397,7 @@ class Lifecycle:
                 log.error("model.restore_failed", model=old.name, error=str(restore_error))
 
     def _used(self) -> int:
-        return sum(v.memory_bytes() for v in self._resident)
+        return sum(v.budgeted_bytes() for v in self._resident)
 
     def _make_room(self, version: ModelVersion, old: ModelVersion | None) -> str:
         """Reserve ``version``'s estimate, evicting idle models if needed.
@@ -411,7 +416,7 @@ class Lifecycle:
             victims = choose_victims(needed, free, others, now)
             mode = "alongside"
             if victims is None and old is not None:
-                victims = choose_victims(needed, free + old.memory_bytes(), others, now)
+                victims = choose_victims(needed, free + old.budgeted_bytes(), others, now)
                 mode = "replace"
             if victims is None:
                 evictable = sum(r.bytes for r in others if not (r.pinned or r.busy or r.keep_alive_until > now))
@@ -426,7 +431,7 @@ class Lifecycle:
 
     def _resident_view(self, version: ModelVersion, now: float) -> Resident:
         keep = version.last_used + version.keep_alive if version.keep_alive is not None else 0.0
-        return Resident(name=version.name, bytes=version.memory_bytes(), last_used=version.last_used,
+        return Resident(name=version.name, bytes=version.budgeted_bytes(), last_used=version.last_used,
                         pinned=version.pinned, busy=version.leases > 0 or version.state != State.READY,
                         keep_alive_until=keep)
 

@@ -1,0 +1,162 @@
+"""The daemon's configuration: a YAML file validated with pydantic.
+
+```yaml
+server: {host: 127.0.0.1, port: 8000, admin_token_env: LLMK_ADMIN_TOKEN}
+kernel: {cache_dir: ~/.cache/llmk, memory_budget: 8GiB}
+plugins: {disable: []}
+models:
+  chat:  {source: builtin:smollm2, backend: openvino, passes: [quantize], max_batch_size: 8}
+  embed: {source: builtin:minilm, backend: onnxruntime}
+```
+
+A bad file is refused with one line per problem naming the key
+(``models.chat.max_batch_size: Input should be greater than or equal to 1``).
+``LLMK_HOST``, ``LLMK_PORT`` and ``LLMK_MEMORY_BUDGET`` override the file; the
+command line's ``--host``/``--port`` override both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmk.errors import LlmkError, format_validation_error
+from llmk.memory import parse_size
+from llmk.monitor import AlertRule
+from llmk.spec import ModelSpec
+
+#: What ``llmk serve`` serves without a config file.
+DEFAULT_MODELS = {"smollm2": {"source": "builtin:smollm2"}, "minilm": {"source": "builtin:minilm"}}
+
+
+class ConfigError(LlmkError):
+    """The configuration file (or its environment overrides) is invalid."""
+
+    def __init__(self, where: str, problem: str):
+        self.where, self.problem = where, problem
+        super().__init__(f"invalid configuration {where}: {problem}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    #: The environment variable holding the bearer token of the management API.
+    #: Without a token there, the management API is off.
+    admin_token_env: str = "LLMK_ADMIN_TOKEN"
+    #: Requests waiting per model beyond those being generated; more get 429.
+    max_queue: int = Field(64, ge=0)
+    #: Seconds a request may take in all (queue included) before it is cancelled.
+    request_timeout: float = Field(300.0, gt=0)
+    #: Seconds SIGTERM waits for running requests before the daemon exits.
+    shutdown_timeout: float = Field(30.0, ge=0)
+    #: Largest prompt accepted, in tokens (the model's context also applies).
+    max_prompt_tokens: int = Field(8192, ge=1)
+    #: Largest ``max_tokens`` accepted.
+    max_completion_tokens: int = Field(4096, ge=1)
+
+
+class KernelConfig(_Section):
+    cache_dir: str | None = None
+    memory_budget: int | str | None = None
+    drain_timeout: float = Field(60.0, ge=0)
+    wait_timeout: float = Field(300.0, gt=0)
+    alerts: list[AlertRuleConfig] = Field(default_factory=list)
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        parse_size(value)  # raises with the reason
+        return value
+
+
+class AlertRuleConfig(_Section):
+    metric: str
+    threshold: float
+    min_requests: int = Field(10, ge=1)
+
+    def rule(self) -> AlertRule:
+        return AlertRule(self.metric, self.threshold, self.min_requests)  # type: ignore[arg-type]
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from typing import get_args
+
+        from llmk.monitor import AlertMetric
+
+        if value not in get_args(AlertMetric):
+            raise ValueError(f"unknown metric {value!r}; known: {', '.join(get_args(AlertMetric))}")
+        return value
+
+
+class PluginsConfig(_Section):
+    disable: list[str] = Field(default_factory=list)
+    autoload: bool = True
+
+
+class ModelConfig(ModelSpec):
+    """A model to serve: a ``ModelSpec`` plus how the lifecycle manager treats it."""
+
+    pinned: bool = False
+    keep_alive: float | None = Field(None, ge=0)
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec.model_validate(self.model_dump(exclude={"pinned", "keep_alive"}))
+
+
+KernelConfig.model_rebuild()
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    kernel: KernelConfig = Field(default_factory=KernelConfig)
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    models: dict[str, ModelConfig] = Field(default_factory=lambda: {
+        name: ModelConfig.model_validate(fields) for name, fields in DEFAULT_MODELS.items()})
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        for name in models:
+            if not name or "/" in name or name != name.strip():
+                raise ValueError(f"model name {name!r} must be non-empty, without '/' or surrounding spaces")
+        return models
+
+
+def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
+    """Read and validate ``path`` (``None``: the defaults), then apply the
+    environment overrides. Raises ``ConfigError`` naming the file and the keys."""
+    import yaml
+
+    environ = os.environ if environ is None else environ
+    where = "(defaults)"
+    raw: Any = {}
+    if path is not None:
+        where = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as error:
+            raise ConfigError(where, f"cannot read it: {error.strerror or error}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(where, f"not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(where, f"the top level must be a mapping, not {type(raw).__name__}")
+    overrides = {"LLMK_HOST": ("server", "host"), "LLMK_PORT": ("server", "port"),
+                 "LLMK_MEMORY_BUDGET": ("kernel", "memory_budget")}
+    for variable, (section, key) in overrides.items():
+        if environ.get(variable):
+            raw.setdefault(section, {})
+            if not isinstance(raw[section], dict):
+                raise ConfigError(where, f"{section}: must be a mapping")
+            raw[section][key] = environ[variable]
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(where, format_validation_error(error)) from None
