@@ -53,6 +53,21 @@ def q4_grid_llama(tiny_llama, tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def tied_llama(tiny_llama, tmp_path_factory):
+    """The tiny llama with its output head tied to the embedding table, as in SmolLM2."""
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path_factory.mktemp("tied") / "model"
+    shutil.copytree(tiny_llama, directory)
+    state = load_file(str(directory / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return directory
+
+
 def ppl(kernel, name, source, **fields):
     return kernel.load(name, source=str(source), **fields).perplexity(TEXT)
 
@@ -89,6 +104,24 @@ def test_int4_is_lossless_on_the_gguf_grids(kernel, q4_grid_llama, backend):
     assert int4.perplexity(TEXT) == pytest.approx(base, rel=1e-5)
     reference = kernel.get(f"grid-fp32-{backend}").generate("The cat", max_tokens=16, temperature=0).token_ids
     assert int4.generate("The cat", max_tokens=16, temperature=0).token_ids == reference
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_torch_quantizes_a_tied_embedding_table_once(kernel, tied_llama, bits):
+    base = kernel.load("tied-fp32", source=str(tied_llama), backend="torch")
+    quant = kernel.load(f"tied-int{bits}", source=str(tied_llama), backend="torch", passes=[f"quantize:bits={bits}"])
+    weights = _weights(quant.version.artifact.path)
+    assert weights["model.embed_tokens.qweight"].dtype == torch_int8()
+    assert not [k for k in weights if k.startswith("lm_head.") or k == "model.embed_tokens.weight"]
+    assert json.loads((quant.version.artifact.path / "config.json").read_text())["llmk_quantization"]["embedding"]
+    assert quant.perplexity(TEXT) == pytest.approx(base.perplexity(TEXT), rel=0.05)
+    assert quant.generate(["The cat", "Hello!"], max_tokens=8, temperature=0)[1].completion_tokens == 8
+
+
+def torch_int8():
+    import torch
+
+    return torch.int8
 
 
 def test_presets_and_explicit_options_agree(kernel, tiny_llama):

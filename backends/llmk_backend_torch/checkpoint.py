@@ -43,5 +43,6 @@ def load_custom(path: Path, auto: Any, dtype: torch.dtype, attention: str) -> to
     missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
+    if not (quantization or {}).get("embedding"):  # a quantized head already reads the quantized table
+        model.tie_weights()
     return model

@@ -16,6 +16,8 @@ def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> Non
     from llmk_backend_torch.quantized import CONFIG_KEY
     from safetensors.torch import load_file, save_file
 
+    from llmk_pass_quantize.grids import symmetric_int8
+
     if options.activations:
         raise UnsupportedError("quantize: activations=true is available on onnxruntime only")
     config = json.loads((artifact.path / "config.json").read_text())
@@ -27,6 +29,16 @@ def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> Non
     group = options.group_size if options.bits == 4 else None
     out: dict[str, torch.Tensor] = {}
     modules = []
+    # A tied embedding table (the head reuses it; 28% of SmolLM2) goes to int8 with one
+    # scale per row: the layout of PyTorch's int8 weight-only matmul, which serves the head.
+    embedding = next((n for n in state if n.endswith("embed_tokens.weight")), None)
+    tied = embedding is not None and config.get("tie_word_embeddings", False) and not any(
+        n.startswith("lm_head.") for n in state)
+    if tied:
+        table = state.pop(embedding).float().numpy()
+        q, scales = symmetric_int8(table, table.shape[1])
+        module = embedding.removesuffix(".weight")
+        out[f"{module}.qweight"], out[f"{module}.scales"] = torch.from_numpy(q), torch.from_numpy(scales[:, 0])
     for name, tensor in state.items():
         module = name.removesuffix(".weight")
         if _is_linear_weight(name, tensor) and (group is None or tensor.shape[1] % group == 0):
@@ -37,7 +49,8 @@ def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> Non
             out[name] = tensor.contiguous()
     save_file(out, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     # group_size 0: one scale per output row (int8)
-    config[CONFIG_KEY] = {"bits": options.bits, "group_size": group or 0, "modules": sorted(modules)}
+    config[CONFIG_KEY] = {"bits": options.bits, "group_size": group or 0, "modules": sorted(modules),
+                          "embedding": tied}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     for file in artifact.path.iterdir():
         if file.is_file() and file.suffix != ".safetensors" and file.name not in ("config.json", "llmk-manifest.json"):
@@ -60,4 +73,5 @@ def _quantize(weight, bits: int, group: int):  # noqa: ANN001, ANN202 - torch te
         q, scales = symmetric_int8(array, group)
         return torch.from_numpy(q), torch.from_numpy(scales), torch.zeros(scales.shape)
     q, scales, minimums = asymmetric_uint4(array, group)
-    return torch.from_numpy(pack_uint4(q)), torch.from_numpy(scales), torch.from_numpy(minimums)
+    return (torch.from_numpy(pack_uint4(q)), torch.from_numpy(scales).half(),  # fp16, as GGUF stores them
+            torch.from_numpy(minimums).half())

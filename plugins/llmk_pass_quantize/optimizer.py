@@ -3,10 +3,10 @@ decompressed inside the matrix multiplications; activations stay in floating
 point, which is what keeps perplexity close to the original.
 
 The grids are in ``grids.py``: int8 symmetric, int4 with a float minimum (GGUF's
-Q8_0 and Q4_1). On onnxruntime and openvino the embedding table and the output
-head are always 8-bit (groups of 32) and stored once when tied; on torch they
-stay in float, because PyTorch has no fast low-bit CPU kernel for a 49152-row head
-at batch 1 (dequantizing it costs 142 ms a token against 9 ms in fp32).
+Q8_0 and Q4_1). The embedding table and the output head are always 8-bit and
+stored once when tied: in groups of 32 on onnxruntime and openvino, one scale per
+row on torch (the layout of its int8 weight-only matmul kernel, which serves the
+head: dequantizing a 49152-row head per token would cost 142 ms on this CPU).
 
 Activation quantization (``activations=True``) exists only as an explicitly
 named lossy mode: measured on SmolLM2 it roughly doubles perplexity.
@@ -47,7 +47,8 @@ class QuantizePass(Optimizer):
     name = "quantize"
     # 3: onnxruntime and openvino write their own graphs: int4 with a float minimum,
     #    the embedding table and output head in 8 bits
-    version = "3"
+    # 4: torch quantizes the tied embedding table (int8) and keeps int4 scales in fp16
+    version = "4"
     backends: ClassVar[frozenset[str]] = frozenset({"torch", "onnxruntime", "openvino"})
     Options = QuantizeOptions
     presets: ClassVar[dict[str, dict]] = {
