@@ -159,6 +159,14 @@ class Runner(ABC):
         """Feed one token per sequence; return the next logits ``[batch, vocab]``."""
         raise UnsupportedError(f"{type(self).__name__} does not generate")
 
+    def merge(self, states: list[DecodeState]) -> DecodeState:
+        """One batch holding the rows of ``states`` in order, the shorter caches
+        left-padded (and masked) to the longest: how requests prefilled later
+        join a batch that is decoding (continuous batching). The states are not
+        used afterwards. Optional: without it each prefilled group decodes as its
+        own batch."""
+        raise UnsupportedError(f"{type(self).__name__} cannot merge batches")
+
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits for every position of one sequence, ``[len, vocab]``."""
         raise UnsupportedError(f"{type(self).__name__} does not score text")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -23,8 +22,11 @@ if TYPE_CHECKING:
     import numpy as np
 
     from llmk.backend import Runner
+    from llmk.scheduler import Request, Scheduler
 
-FinishReason = Literal["stop", "length"]
+#: stop: end of sequence or a stop string; length: max_tokens or the context; cancelled:
+#: the caller stopped it; timeout: its deadline passed.
+FinishReason = Literal["stop", "length", "cancelled", "timeout"]
 
 
 class SamplingParams(BaseModel):
@@ -106,7 +108,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 class Timing:
     """What ``Engine.run`` measured for one request."""
 
-    queue_wait: float = 0.0  # seconds waiting for the runner (other requests' steps) before the prefill
+    queue_wait: float = 0.0  # seconds in the queue before the scheduler admitted it (its prefill)
 
 
 class _Sequence:
@@ -148,14 +150,37 @@ class _Sequence:
 class Engine:
     """A runner plus its tokenizer: what one loaded model version can do.
 
-    Runner calls are serialized per step (not per request), so concurrent
-    requests interleave their decode steps instead of waiting for each other.
+    Generations go through the engine's ``Scheduler`` (continuous batching, up
+    to ``max_batch_size`` sequences per decode step); scoring and embedding
+    calls take the runner lock between the scheduler's steps.
     """
 
-    def __init__(self, runner: Runner, tokenizer: Tokenizer):
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, *, name: str = "model", max_batch_size: int = 8,
+                 max_queue: int = 1024):
         self.runner = runner
         self.tokenizer = tokenizer
         self.lock = threading.Lock()  # held for each runner call
+        self.name, self.max_batch_size, self.max_queue = name, max_batch_size, max_queue
+        self._scheduler: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()
+
+    @property
+    def scheduler(self) -> Scheduler:
+        from llmk.scheduler import Scheduler
+
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self, name=self.name, max_batch_size=self.max_batch_size,
+                                            max_queue=self.max_queue)
+            return self._scheduler
+
+    def close(self) -> None:
+        """Stop the scheduler (requests still running fail), then free the runner."""
+        with self._scheduler_lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
+        self.runner.close()
 
     # -- generation -------------------------------------------------------
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
@@ -168,57 +193,43 @@ class Engine:
             )
         return ids
 
-    def run(self, prompts: list[list[int]], params: list[SamplingParams],
-            timing: Timing | None = None) -> Iterator[list[tuple[int, StreamChunk]]]:
-        """Complete ``prompts`` as one batch; yields, per step, ``(index, chunk)``
-        for every sequence that produced a token. ``timing`` gets the time spent
-        waiting for the runner before the prefill."""
+    def submit(self, prompt: list[int], params: SamplingParams, timeout: float | None = None) -> Request:
+        """Queue one generation; iterate the returned request for its chunks."""
         if self.runner.task != "generate":
             raise UnsupportedError("this model embeds text; it does not generate")
-        seqs = [_Sequence(p, q, self.tokenizer, self.runner.max_context) for p, q in zip(prompts, params)]
-        waiting = time.perf_counter()
-        with self.lock:
-            if timing is not None:
-                timing.queue_wait = time.perf_counter() - waiting
-            state, logits = self.runner.prefill(prompts)
-        rows = list(range(len(seqs)))  # rows[i] = index of the sequence in batch row i
-        while True:
-            events = []
-            for row, index in enumerate(rows):
-                events.append((index, seqs[index].push(sample(logits[row], seqs[index].params, seqs[index].rng))))
-            yield events
-            keep = [row for row, index in enumerate(rows) if seqs[index].finish is None]
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                state.select(keep)
-                rows = [rows[row] for row in keep]
-            with self.lock:
-                logits = self.runner.decode(state, [seqs[index].ids[-1] for index in rows])
+        return self.scheduler.submit(prompt, params, timeout=timeout)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams],
-                 timing: Timing | None = None) -> list[GenerationResult]:
-        started = time.perf_counter()
-        first: dict[int, float] = {}
-        texts = ["" for _ in prompts]
-        ids: list[list[int]] = [[] for _ in prompts]
-        reasons: list[Any] = [None for _ in prompts]
-        for events in self.run(prompts, params, timing):
-            for index, chunk in events:
-                first.setdefault(index, time.perf_counter() - started)
-                texts[index] += chunk.text
-                ids[index] += chunk.token_ids
-                reasons[index] = chunk.finish_reason or reasons[index]
-        seconds = time.perf_counter() - started
-        return [
-            GenerationResult(texts[i], ids[i], reasons[i], len(prompts[i]), seconds, first.get(i, 0.0))
-            for i in range(len(prompts))
-        ]
+                 timing: Timing | None = None, timeout: float | None = None) -> list[GenerationResult]:
+        """Complete every prompt; each joins the running batch like any other request."""
+        requests = [self.submit(p, q, timeout) for p, q in zip(prompts, params)]
+        results = []
+        try:
+            for prompt, request in zip(prompts, requests):
+                texts, ids, reason = [], [], None
+                for chunk in request:
+                    texts.append(chunk.text)
+                    ids += chunk.token_ids
+                    reason = chunk.finish_reason or reason
+                results.append(GenerationResult("".join(texts), ids, reason, len(prompt), request.seconds,
+                                                request.first_token_seconds))
+        finally:
+            for request in requests:  # the caller gave up (an error, an interrupt): stop the rest
+                request.cancel()
+        if timing is not None:
+            timing.queue_wait = max(r.queue_wait for r in requests)
+        return results
 
-    def stream(self, prompt: list[int], params: SamplingParams, timing: Timing | None = None) -> Iterator[StreamChunk]:
-        for events in self.run([prompt], [params], timing):
-            for _, chunk in events:
+    def stream(self, prompt: list[int], params: SamplingParams, timing: Timing | None = None,
+               timeout: float | None = None) -> Iterator[StreamChunk]:
+        request = self.submit(prompt, params, timeout)
+        try:
+            for chunk in request:
+                if timing is not None:
+                    timing.queue_wait = request.queue_wait
                 yield chunk
+        finally:
+            request.cancel()  # a no-op once finished; otherwise the reader went away
 
     # -- scoring ----------------------------------------------------------
     def perplexity(self, text: str) -> float:

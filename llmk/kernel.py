@@ -191,7 +191,8 @@ class Kernel:
         plan: _Plan = version.plan
         runner = plan.backend.load(version.artifact, device=version.device, dtype=version.dtype,
                                    options=plan.options, cache=self.cache)
-        version.engine = Engine(runner, Tokenizer(plan.source.tokenizer_dir, source=version.spec.source))
+        version.engine = Engine(runner, Tokenizer(plan.source.tokenizer_dir, source=version.spec.source),
+                                name=version.name, max_batch_size=version.spec.max_batch_size)
         if plan.built and version.spec.max_ppl_increase is not None:
             try:
                 version.quality = self._quality_gate(version, plan.base, plan.backend, version.device,
@@ -332,7 +333,7 @@ class Kernel:
         def measure(out: Path) -> None:
             baseline_runner = backend.load(base, device=device, dtype=dtype, options=options, cache=self.cache)
             try:
-                baseline = Engine(baseline_runner, engine.tokenizer).perplexity(text)
+                baseline = Engine(baseline_runner, engine.tokenizer).perplexity(text)  # scoring: no scheduler
             finally:
                 baseline_runner.close()
             (out / "quality.json").write_text(json.dumps({"baseline": baseline, "optimized": engine.perplexity(text)}))

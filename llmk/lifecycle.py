@@ -106,7 +106,7 @@ class ModelVersion:
     def close(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
-            engine.runner.close()
+            engine.close()
 
     def status(self, current: bool = True) -> dict[str, Any]:
         return {

@@ -78,7 +78,7 @@ class ModelSpec(BaseModel):
     dtype: Dtype = "auto"
     passes: tuple[PassSpec, ...] = ()
     options: dict[str, Any] = Field(default_factory=dict, description="backend options")
-    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_size: int = Field(8, ge=1, le=256, description="sequences decoded together (continuous batching)")
     max_ppl_increase: float | None = Field(
         None, ge=0.0, description="quality gate for the passes: allowed relative perplexity increase (0.01 = +1%)"
     )

@@ -297,6 +297,9 @@ class FakeOptions(BackendOptions):
     memory: int = Field(1000, ge=0)
     #: Every logit is NaN: the model loads but fails the kernel's health check.
     nan: bool = False
+    #: The runner implements ``merge`` (continuous batching); without it each
+    #: admitted group decodes on its own.
+    merge: bool = True
 
 
 class FakeState(DecodeState):
@@ -380,6 +383,16 @@ class FakeRunner(Runner):
         state.last = list(tokens)
         state.generated = [g + 1 for g in state.generated]
         return np.stack([self.row(t, g) for t, g in zip(state.last, state.generated)])
+
+    def merge(self, states: list[DecodeState]) -> FakeState:
+        if not self.options.merge:
+            return super().merge(states)
+        merged = FakeState([], [])
+        for state in states:
+            assert isinstance(state, FakeState)
+            merged.last += state.last
+            merged.generated += state.generated
+        return merged
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         import numpy as np

@@ -123,6 +123,16 @@ class OnnxRuntimeRunner(Runner):
         state.positions = state.positions + 1
         return logits[:, -1].astype(np.float32)
 
+    def merge(self, states: list[OnnxState]) -> OnnxState:  # type: ignore[override]
+        width = max(s.mask.shape[1] for s in states)
+        past = []
+        for index in range(len(states[0].past)):
+            parts = [_host(s.past[index]) for s in states]
+            padded = [np.pad(p, ((0, 0), (0, 0), (width - p.shape[2], 0), (0, 0))) for p in parts]
+            past.append(_to_device(np.concatenate(padded), self.device))
+        mask = np.concatenate([np.pad(s.mask, ((0, 0), (width - s.mask.shape[1], 0))) for s in states])
+        return OnnxState(past, mask, np.concatenate([s.positions for s in states]), self.device)
+
     def logits(self, token_ids: list[int]) -> np.ndarray:
         ids = np.asarray([token_ids], dtype=np.int64)
         mask = np.ones_like(ids)

@@ -94,6 +94,22 @@ class OpenVINORunner(Runner):
         state.positions = state.positions + 1
         return np.array(logits[:, -1], dtype=np.float32)
 
+    def merge(self, states: list[OpenVINOState]) -> OpenVINOState:  # type: ignore[override]
+        # The caches live in each request's state: read them out (with any pending
+        # row selection applied), pad, concatenate, and write them into a new request.
+        width = max(s.mask.shape[1] for s in states)
+        request = self._request()
+        variables = {v.name: v for v in request.query_state()}
+        sources = [{v.name: v for v in s.request.query_state()} for s in states]
+        for name, variable in variables.items():
+            parts = []
+            for state, source in zip(states, sources):
+                data = np.array(source[name].state.data)[state.rows]
+                parts.append(np.pad(data, ((0, 0), (0, 0), (width - data.shape[2], 0), (0, 0))))
+            variable.state = ov.Tensor(np.ascontiguousarray(np.concatenate(parts)))
+        mask = np.concatenate([np.pad(s.mask, ((0, 0), (width - s.mask.shape[1], 0))) for s in states])
+        return OpenVINOState(request, mask, np.concatenate([s.positions for s in states]))
+
     def logits(self, token_ids: list[int]) -> np.ndarray:
         ids = np.asarray([token_ids], dtype=np.int64)
         positions = np.arange(len(token_ids), dtype=np.int64)[None]

@@ -66,6 +66,17 @@ class TorchRunner(Runner):
         state.positions = state.positions + 1
         return self._logits(out.logits[:, -1, :])
 
+    def merge(self, states: list[TorchState]) -> TorchState:  # type: ignore[override]
+        width = max(s.mask.shape[1] for s in states)
+        first = states[0]
+        masks = [torch.nn.functional.pad(s.mask, (width - s.mask.shape[1], 0)) for s in states]
+        for index, layer in enumerate(first.cache.layers):
+            for attr in ("keys", "values"):
+                parts = [getattr(s.cache.layers[index], attr) for s in states]
+                padded = [torch.nn.functional.pad(p, (0, 0, width - p.shape[2], 0)) for p in parts]
+                setattr(layer, attr, torch.cat(padded, dim=0))
+        return TorchState(first.cache, torch.cat(masks, dim=0), torch.cat([s.positions for s in states]))
+
     def logits(self, token_ids: list[int]) -> np.ndarray:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         return self._logits(self._forward(input_ids=ids, use_cache=False).logits[0])
