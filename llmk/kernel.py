@@ -54,7 +54,8 @@ class Kernel:
     is loading; ``alerts`` are threshold rules (``AlertRule``) reported through
     the ``model_alert`` hook; ``reap_interval`` is how often idle models past
     their keep-alive are unloaded (0: only when ``reap()`` is called);
-    ``clock`` (monotonic seconds) is injectable for tests.
+    ``max_queue`` is how many requests may wait per model before
+    ``QueueFullError``; ``clock`` (monotonic seconds) is injectable for tests.
     """
 
     def __init__(
@@ -69,10 +70,12 @@ class Kernel:
         wait_timeout: float = 300.0,
         alerts: Iterable[AlertRule] = (),
         reap_interval: float = 5.0,
+        max_queue: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.plugins = Plugins(disable=disable, autoload=autoload, plugins=plugins)
         self.cache = Cache(cache_dir)
+        self.max_queue = max_queue
         self.lifecycle = Lifecycle(self, notify=self.plugins.notify, budget=parse_size(memory_budget),
                                    clock=clock, drain_timeout=drain_timeout, wait_timeout=wait_timeout,
                                    alerts=list(alerts))
@@ -192,7 +195,8 @@ class Kernel:
         runner = plan.backend.load(version.artifact, device=version.device, dtype=version.dtype,
                                    options=plan.options, cache=self.cache)
         version.engine = Engine(runner, Tokenizer(plan.source.tokenizer_dir, source=version.spec.source),
-                                name=version.name, max_batch_size=version.spec.max_batch_size)
+                                name=version.name, max_batch_size=version.spec.max_batch_size,
+                                max_queue=self.max_queue)
         if plan.built and version.spec.max_ppl_increase is not None:
             try:
                 version.quality = self._quality_gate(version, plan.base, plan.backend, version.device,

@@ -127,7 +127,8 @@ class Scheduler:
         with self._wake:
             if self._closed:
                 raise LlmkError(f"model {self.name!r} is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            free_slots = max(0, self.max_batch_size - self.in_flight)
+            if len(self._waiting) >= self.max_queue + free_slots:  # the batch is full and so is the queue
                 raise QueueFullError(self.name, len(self._waiting))
             self._waiting.append(request)
             if self._thread is None:

@@ -277,9 +277,9 @@ async def _sse(chunks: AsyncIterator[Any], ident: str, created: int, model: str,
         return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model,
                                       "choices": [{"index": 0, **choice}]}) + "\n\n"
 
-    if chat:
-        yield event({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
     try:
+        if chat:
+            yield event({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         async for chunk in chunks:
             finish = _finish(chunk.finish_reason) if chunk.finish_reason else None
             if chat:
@@ -289,6 +289,8 @@ async def _sse(chunks: AsyncIterator[Any], ident: str, created: int, model: str,
     except Exception as error:  # headers are sent: report it in the stream, OpenAI-style
         api = _api_error(error)
         yield "data: " + json.dumps({"error": {"message": api.message, "type": api.type, "code": api.code}}) + "\n\n"
+    finally:  # also when the client went away: stop the generation now, not at garbage collection
+        await chunks.aclose()  # type: ignore[attr-defined]
     yield "data: [DONE]\n\n"
 
 
@@ -305,7 +307,7 @@ def serve(config: Config) -> int:
     kernel = Kernel(cache_dir=config.kernel.cache_dir, disable=config.plugins.disable,
                     autoload=config.plugins.autoload, memory_budget=config.kernel.memory_budget,
                     drain_timeout=config.kernel.drain_timeout, wait_timeout=config.kernel.wait_timeout,
-                    alerts=[a.rule() for a in config.kernel.alerts])
+                    alerts=[a.rule() for a in config.kernel.alerts], max_queue=config.server.max_queue)
     app = create_app(kernel, config)
     sock = socket.socket(socket.AF_INET6 if ":" in config.server.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
