@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,3 +67,26 @@ def real_kernel():
 
     with llmk.Kernel(cache_dir=shared_cache_dir(), autoload=False) as kernel:
         yield kernel
+
+
+def in_thread(function: Callable[..., object], *args: object, thread_name: str | None = None,
+              **kwargs: object) -> tuple[threading.Thread, dict]:
+    """Run ``function`` in a daemon thread; its result or error lands in the returned box."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = function(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - handed to the test
+            box["error"] = error
+
+    thread = threading.Thread(target=target, name=thread_name, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)

@@ -8,6 +8,7 @@ import time
 from typing import ClassVar
 
 import pytest
+from conftest import in_thread, wait_for
 from pydantic import Field
 
 import llmk
@@ -22,34 +23,12 @@ from llmk.errors import (
 from llmk.testing import FakeBackend, FakePlugin, load_fake
 
 
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.005)
-
-
 def chain(runner, prompt_ids, n):
     """The tokens ``runner`` generates greedily after ``prompt_ids``."""
     out = [runner.next_token(prompt_ids[-1])]
     while len(out) < n:
         out.append(runner.next_token(out[-1]))
     return out
-
-
-def in_thread(function, *args, thread_name=None, **kwargs):
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = function(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - handed to the test
-            box["error"] = error
-
-    thread = threading.Thread(target=target, name=thread_name, daemon=True)
-    thread.start()
-    return thread, box
 
 
 # -- load, get, status, unload ------------------------------------------------------------

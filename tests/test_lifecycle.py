@@ -7,9 +7,9 @@ released) are in test_real_models.py."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
+from conftest import in_thread, wait_for
 
 import llmk
 from llmk.kernel import Kernel
@@ -75,27 +75,6 @@ def make(fake_plugin, events, clock, tmp_path):
     yield build
     for kernel in kernels:
         kernel.close()
-
-
-def in_thread(function, *args, **kwargs):
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = function(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - handed to the test
-            box["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 # -- states and events ------------------------------------------------------------------

@@ -14,6 +14,31 @@ from llmk_backend_torch.fused import CONFIG_KEY as FUSION_KEY
 from llmk_backend_torch.quantized import CONFIG_KEY as QUANTIZATION_KEY
 
 
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory's safetensors files."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def write_checkpoint(source: Path, out_dir: Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """A Hugging Face directory in ``out_dir``: ``state`` and ``config``, plus the
+    source's other files (tokenizer, generation config) as they are."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for file in source.iterdir():
+        if file.is_file() and file.suffix != ".safetensors" and file.name not in ("config.json", "llmk-manifest.json"):
+            shutil.copy(file, out_dir / file.name)
+
+
 def is_custom(path: Path) -> bool:
     config = json.loads((path / "config.json").read_text())
     return FUSION_KEY in config or QUANTIZATION_KEY in config
@@ -21,7 +46,6 @@ def is_custom(path: Path) -> bool:
 
 def load_custom(path: Path, auto: Any, dtype: torch.dtype, attention: str) -> torch.nn.Module:
     """Build the model from its config, swap in the fused/quantized modules, load the weights."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
@@ -36,10 +60,7 @@ def load_custom(path: Path, auto: Any, dtype: torch.dtype, attention: str) -> to
             fuse_modules(model, fusion)
         if quantization := getattr(config, QUANTIZATION_KEY, None):
             quantize_modules(model, quantization, dtype)
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(read_state(path), strict=False)
     missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from llmk.artifact import Artifact
@@ -13,16 +12,14 @@ from llmk_pass_fuse.optimizer import FuseOptions
 
 def fuse(artifact: Artifact, out_dir: Path, options: FuseOptions) -> None:
     import torch
+    from llmk_backend_torch.checkpoint import read_state, write_checkpoint
     from llmk_backend_torch.fused import CONFIG_KEY, GROUPS
     from llmk_backend_torch.quantized import CONFIG_KEY as QUANTIZATION_KEY
-    from safetensors.torch import load_file, save_file
 
     config = json.loads((artifact.path / "config.json").read_text())
     if CONFIG_KEY in config:
         raise UnsupportedError("fuse: this model is already fused")
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(artifact.path.glob("*.safetensors")):
-        state.update(load_file(str(file)))
+    state = read_state(artifact.path)
     enabled = {option: getattr(options, option) for option in GROUPS}
     renamed: dict[str, str] = {}  # replaced projection -> fused projection
     for option, (fused_name, names) in GROUPS.items():
@@ -44,9 +41,4 @@ def fuse(artifact: Artifact, out_dir: Path, options: FuseOptions) -> None:
         modules = config[QUANTIZATION_KEY]["modules"]
         config[QUANTIZATION_KEY]["modules"] = sorted({renamed.get(m, m) for m in modules})
     config[CONFIG_KEY] = enabled
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    for file in artifact.path.iterdir():
-        if file.is_file() and file.suffix != ".safetensors" and file.name not in ("config.json", "llmk-manifest.json"):
-            shutil.copy(file, out_dir / file.name)
+    write_checkpoint(artifact.path, out_dir, state, config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import llmk
@@ -19,14 +18,12 @@ CALIBRATION_TEXT = Path(llmk.__file__).parent / "data" / "calibration.txt"
 
 def prune(artifact: Artifact, out_dir: Path, options: PruneOptions) -> None:
     import torch
-    from safetensors.torch import load_file, save_file
+    from llmk_backend_torch.checkpoint import read_state, write_checkpoint
 
     config = json.loads((artifact.path / "config.json").read_text())
     if "llmk_quantization" in config:
         raise UnsupportedError("prune: prune before quantize (this model is already quantized)")
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(artifact.path.glob("*.safetensors")):
-        state.update(load_file(str(file)))
+    state = read_state(artifact.path)
     if options.method == "magnitude":
         for name, weight in state.items():
             if name.endswith("proj.weight") and weight.ndim == 2:
@@ -35,12 +32,7 @@ def prune(artifact: Artifact, out_dir: Path, options: PruneOptions) -> None:
                 state[name] = torch.where(weight.abs() <= cut, torch.zeros_like(weight), weight)
     else:
         config["intermediate_size"] = _prune_mlp_channels(artifact, state, config, options.sparsity)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    for file in artifact.path.iterdir():
-        if file.is_file() and file.suffix != ".safetensors" and file.name not in ("config.json", "llmk-manifest.json"):
-            shutil.copy(file, out_dir / file.name)
+    write_checkpoint(artifact.path, out_dir, state, config)
 
 
 def _prune_mlp_channels(artifact: Artifact, state: dict, config: dict, sparsity: float) -> int:

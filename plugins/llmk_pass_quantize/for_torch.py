@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from llmk.artifact import Artifact
@@ -13,8 +12,8 @@ from llmk_pass_quantize.optimizer import QuantizeOptions
 
 def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> None:
     import torch
+    from llmk_backend_torch.checkpoint import read_state, write_checkpoint
     from llmk_backend_torch.quantized import CONFIG_KEY
-    from safetensors.torch import load_file, save_file
 
     from llmk_pass_quantize.grids import symmetric_int8
 
@@ -23,9 +22,7 @@ def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> Non
     config = json.loads((artifact.path / "config.json").read_text())
     if CONFIG_KEY in config:
         raise UnsupportedError("quantize: this model is already quantized")
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(artifact.path.glob("*.safetensors")):
-        state.update(load_file(str(file)))
+    state = read_state(artifact.path)
     group = options.group_size if options.bits == 4 else None
     out: dict[str, torch.Tensor] = {}
     modules = []
@@ -46,15 +43,11 @@ def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> Non
             out[f"{module}.qweight"], out[f"{module}.scales"], out[f"{module}.zeros"] = qweight, scales, zeros
             modules.append(module)
         else:
-            out[name] = tensor.contiguous()
-    save_file(out, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+            out[name] = tensor
     # group_size 0: one scale per output row (int8)
     config[CONFIG_KEY] = {"bits": options.bits, "group_size": group or 0, "modules": sorted(modules),
                           "embedding": tied}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    for file in artifact.path.iterdir():
-        if file.is_file() and file.suffix != ".safetensors" and file.name not in ("config.json", "llmk-manifest.json"):
-            shutil.copy(file, out_dir / file.name)
+    write_checkpoint(artifact.path, out_dir, out, config)
 
 
 def _is_linear_weight(name: str, tensor) -> bool:  # noqa: ANN001 - torch.Tensor
