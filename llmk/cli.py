@@ -18,17 +18,19 @@ DEFAULT_EMBED_MODEL = "builtin:minilm"
 EVAL_PROMPT = "Once upon a time"
 
 
-def configure_logging(verbosity: int) -> None:
+def configure_logging(verbosity: int, fmt: str = "console") -> None:
     """Structured logs to stderr (stdout carries the answers). Quiet unless -v:
-    errors already reach the user once, as the command's own message."""
+    errors already reach the user once, as the command's own message. The
+    daemon logs at info (one event per request) unless told otherwise."""
     import structlog
 
     level = logging.CRITICAL if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
-            structlog.dev.ConsoleRenderer(colors=False),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -205,17 +207,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llmk.config import load_config
     from llmk.server import serve
 
-    config = load_config(args.config)
-    if args.host is not None:
-        config.server.host = args.host
-    if args.port is not None:
-        config.server.port = args.port
-    if args.cache_dir is not None:
-        config.kernel.cache_dir = args.cache_dir
-    return serve(config)
+    return serve(args.config, overrides={"server": {"host": args.host, "port": args.port},
+                                         "kernel": {"cache_dir": args.cache_dir}})
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -234,7 +229,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmk", description="llmk: a plugin-based LLM kernel")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log lifecycle events (-vv: debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log lifecycle events (-vv: debug); the daemon always logs at least at info")
+    parser.add_argument("--log-format", choices=["console", "json"], default="console",
+                        help="how log events are written to stderr (default console: key=value)")
     parser.add_argument("--cache-dir", default=None, help="cache directory (default $LLMK_CACHE_DIR or ~/.cache/llmk)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -293,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(max(args.verbose, 1) if args.command == "serve" else args.verbose, args.log_format)
     # Per-load weight bars are noise in a terminal; one-time conversions still show theirs.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:

@@ -12,7 +12,8 @@ models:
 A bad file is refused with one line per problem naming the key
 (``models.chat.max_batch_size: Input should be greater than or equal to 1``).
 ``LLMK_HOST``, ``LLMK_PORT`` and ``LLMK_MEMORY_BUDGET`` override the file; the
-command line's ``--host``/``--port`` override both.
+command line's ``--host``/``--port``/``--cache-dir`` (``overrides``) override both,
+and are validated like the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from llmk.errors import LlmkError, format_validation_error
 from llmk.memory import parse_size
 from llmk.monitor import AlertRule
 from llmk.spec import ModelSpec
+
+#: The environment variables that override the file, and the key each sets.
+ENVIRONMENT = {"LLMK_HOST": ("server", "host"), "LLMK_PORT": ("server", "port"),
+               "LLMK_MEMORY_BUDGET": ("kernel", "memory_budget")}
 
 #: What ``llmk serve`` serves without a config file.
 DEFAULT_MODELS = {"smollm2": {"source": "builtin:smollm2"}, "minilm": {"source": "builtin:minilm"}}
@@ -56,6 +61,8 @@ class ServerConfig(_Section):
     request_timeout: float = Field(300.0, gt=0)
     #: Seconds SIGTERM waits for running requests before the daemon exits.
     shutdown_timeout: float = Field(30.0, ge=0)
+    #: Reload when the config file changes (SIGHUP and ``POST /admin/reload`` always do).
+    watch_config: bool = True
     #: Largest prompt accepted, in tokens (the model's context also applies).
     max_prompt_tokens: int = Field(8192, ge=1)
     #: Largest ``max_tokens`` accepted.
@@ -130,9 +137,11 @@ class Config(_Section):
         return models
 
 
-def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
-    """Read and validate ``path`` (``None``: the defaults), then apply the
-    environment overrides. Raises ``ConfigError`` naming the file and the keys."""
+def load_config(path: str | Path | None, environ: dict[str, str] | None = None,
+                overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read and validate ``path`` (``None``: the defaults), with the environment
+    overrides and then ``overrides`` (``{"server": {"port": 0}}``) applied.
+    Raises ``ConfigError`` naming the file and the keys."""
     import yaml
 
     environ = os.environ if environ is None else environ
@@ -148,14 +157,15 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None) 
             raise ConfigError(where, f"not valid YAML: {error}") from None
         if not isinstance(raw, dict):
             raise ConfigError(where, f"the top level must be a mapping, not {type(raw).__name__}")
-    overrides = {"LLMK_HOST": ("server", "host"), "LLMK_PORT": ("server", "port"),
-                 "LLMK_MEMORY_BUDGET": ("kernel", "memory_budget")}
-    for variable, (section, key) in overrides.items():
-        if environ.get(variable):
-            raw.setdefault(section, {})
-            if not isinstance(raw[section], dict):
-                raise ConfigError(where, f"{section}: must be a mapping")
-            raw[section][key] = environ[variable]
+    given = [((section, key), environ[variable]) for variable, (section, key) in ENVIRONMENT.items()
+             if environ.get(variable)]
+    given += [((section, key), value) for section, values in (overrides or {}).items()
+              for key, value in values.items() if value is not None]
+    for (section, key), value in given:
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(where, f"{section}: must be a mapping")
+        raw[section][key] = value
     try:
         return Config.model_validate(raw)
     except ValidationError as error:

@@ -174,6 +174,11 @@ class Engine:
                                             max_queue=self.max_queue)
             return self._scheduler
 
+    def load(self) -> tuple[int, int]:
+        """Generations (waiting in the queue, decoding in the batch) right now."""
+        scheduler = self._scheduler
+        return (0, 0) if scheduler is None else (scheduler.queue_depth, scheduler.in_flight)
+
     def close(self) -> None:
         """Stop the scheduler (requests still running fail), then free the runner."""
         with self._scheduler_lock:

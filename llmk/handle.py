@@ -81,9 +81,13 @@ class ModelHandle:
 
     def generate(self, prompt: str | list[str], *, max_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None) -> GenerationResult | list[GenerationResult]:
+                 stop: str | Sequence[str] | None = None,
+                 timeout: float | None = None) -> GenerationResult | list[GenerationResult]:
         """Complete a prompt, or a list of prompts as one batch (each result is
-        the same as completing that prompt alone, greedy or with the same seed)."""
+        the same as completing that prompt alone, greedy or with the same seed).
+
+        ``timeout`` (seconds, queueing included) stops a generation that runs
+        longer: its result ends with ``finish_reason="timeout"``."""
         params = SamplingParams.build(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                       seed=seed, stop=stop)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -92,29 +96,31 @@ class ModelHandle:
         with self._lease() as (version, record, timing):
             engine = version.engine
             ids = [engine.prompt_ids(p) for p in prompts]
-            results = engine.generate(ids, [params] * len(ids), timing)
+            results = engine.generate(ids, [params] * len(ids), timing, timeout)
             _measure(record, results)
         return results[0] if isinstance(prompt, str) else results
 
-    def chat(self, messages: Messages, **params: Any) -> GenerationResult:
+    def chat(self, messages: Messages, *, timeout: float | None = None, **params: Any) -> GenerationResult:
         """Answer a conversation, formatted with the model's chat template."""
         with self._lease() as (version, record, timing):
             ids = version.engine.prompt_ids(version.engine.tokenizer.apply_chat_template(_check_messages(messages)))
-            (result,) = version.engine.generate([ids], [SamplingParams.build(**params)], timing)
+            (result,) = version.engine.generate([ids], [SamplingParams.build(**params)], timing, timeout)
             _measure(record, [result])
         return result
 
-    def stream(self, prompt: str, **params: Any) -> Iterator[StreamChunk]:
-        """Yield the completion piece by piece as tokens are generated."""
-        return self._stream(lambda engine: engine.prompt_ids(prompt), SamplingParams.build(**params))
+    def stream(self, prompt: str, *, timeout: float | None = None, **params: Any) -> Iterator[StreamChunk]:
+        """Yield the completion piece by piece as tokens are generated; closing
+        the iterator stops the generation."""
+        return self._stream(lambda engine: engine.prompt_ids(prompt), SamplingParams.build(**params), timeout)
 
-    def chat_stream(self, messages: Messages, **params: Any) -> Iterator[StreamChunk]:
+    def chat_stream(self, messages: Messages, *, timeout: float | None = None,
+                    **params: Any) -> Iterator[StreamChunk]:
         """``chat`` streamed piece by piece."""
         messages = _check_messages(messages)
         return self._stream(lambda engine: engine.prompt_ids(engine.tokenizer.apply_chat_template(messages)),
-                            SamplingParams.build(**params))
+                            SamplingParams.build(**params), timeout)
 
-    def _stream(self, make_ids: Any, params: SamplingParams) -> Iterator[StreamChunk]:
+    def _stream(self, make_ids: Any, params: SamplingParams, timeout: float | None) -> Iterator[StreamChunk]:
         # Validate and lease now, not at the first next(): errors surface at the call.
         version = self._kernel._acquire(self.name)
         try:
@@ -122,24 +128,27 @@ class ModelHandle:
         except Exception:
             version.release()
             raise
-        stream = self._stream_leased(version, ids, params)
+        stream = self._stream_leased(version, ids, params, timeout)
         # Consume the leading None: the generator is now inside its try block, so
         # close() or garbage collection releases the lease even if never iterated.
         next(stream)
         return stream
 
-    def _stream_leased(self, version: ModelVersion, ids: list[int],
-                       params: SamplingParams) -> Iterator[StreamChunk | None]:
+    def _stream_leased(self, version: ModelVersion, ids: list[int], params: SamplingParams,
+                       timeout: float | None) -> Iterator[StreamChunk | None]:
         started = time.perf_counter()
         record, timing = RequestRecord(tokens_in=len(ids)), Timing()
         first = 0.0
         try:
             yield None  # consumed by _stream
-            for chunk in version.engine.stream(ids, params, timing):
+            record.finish_reason = "cancelled"  # unless the stream reaches its end
+            for chunk in version.engine.stream(ids, params, timing, timeout):
                 if not record.tokens_out:
                     first = time.perf_counter() - started
                     record.ttft = first
                 record.tokens_out += len(chunk.token_ids)
+                if chunk.finish_reason is not None:
+                    record.finish_reason = chunk.finish_reason
                 yield chunk
         except Exception:
             record.error = True
@@ -189,6 +198,8 @@ def _measure(record: RequestRecord, results: list[GenerationResult]) -> None:
     """Tokens and latencies of a (batched) generation, as one request."""
     record.tokens_in = sum(r.prompt_tokens for r in results)
     record.tokens_out = sum(r.completion_tokens for r in results)
+    reasons = {r.finish_reason for r in results}
+    record.finish_reason = reasons.pop() if len(reasons) == 1 else None
     record.ttft = min(r.first_token_seconds for r in results)
     paced = [(r.seconds - r.first_token_seconds) / (r.completion_tokens - 1)
              for r in results if r.completion_tokens > 1]

@@ -9,7 +9,7 @@ Rules the kernel keeps so that plugins stay compatible:
   it needs (pluggy matches arguments by name);
 - built-in implementations of decision hooks are ``trylast=True`` so that any
   third-party implementation is asked first;
-- observer hooks (``model_*``) are called plugin by plugin: one that raises is
+- observer hooks (``model_*``, ``request_finished``) are called plugin by plugin: one that raises is
   reported as a ``plugin.hook_failed`` event naming the plugin and the others still run.
 """
 
@@ -22,6 +22,7 @@ import pluggy
 if TYPE_CHECKING:
     from llmk.artifact import Artifact
     from llmk.cache import Cache
+    from llmk.monitor import RequestRecord
     from llmk.plugins import Registry
     from llmk.spec import ModelSpec
 
@@ -113,4 +114,17 @@ def model_alert(name: str, version: int, alert: dict[str, Any]) -> None:
     ``value``, ``threshold`` and ``state``: "firing" when the metric crossed
     above the threshold, "resolved" when it fell back. Edge-triggered: one
     call per crossing, not one per request.
+    """
+
+
+@hookspec
+def request_finished(name: str, version: int, record: RequestRecord) -> None:
+    """Observer: a request to ``version`` of ``name`` has finished (or failed).
+
+    Called once per call of a ``ModelHandle`` method, in the thread that ran it,
+    after its figures are counted in ``kernel.status()``. ``record`` holds what
+    the request measured: ``tokens_in``, ``tokens_out``, ``queue_wait``,
+    ``ttft`` and ``tpot`` (seconds; ``None`` when not measured), ``finish_reason``,
+    and ``error``/``rejected``. The daemon's Prometheus metrics are built on it.
+    Keep it cheap: it runs on the request path.
     """

@@ -149,10 +149,12 @@ class Kernel:
         does this every ``reap_interval``); returns their names."""
         return self.lifecycle.reap()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Unload every model; each waits up to ``timeout`` (default
+        ``drain_timeout``) for its running requests."""
         if self._reaper is not None:
             self._reaper.stop()
-        self.lifecycle.close()
+        self.lifecycle.close(timeout)
 
     def __enter__(self) -> Kernel:
         return self

@@ -109,6 +109,8 @@ class ModelVersion:
             engine.close()
 
     def status(self, current: bool = True) -> dict[str, Any]:
+        engine = self.engine
+        queued, running = engine.load() if engine is not None else (0, 0)
         return {
             "name": self.name,
             "version": self.number,
@@ -129,6 +131,8 @@ class ModelVersion:
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
             "active_requests": self._leases,
+            "queued": queued,
+            "running": running,
             "failure": self.failure,
             **self.stats.snapshot(),
         }
@@ -238,6 +242,7 @@ class Lifecycle:
     def record(self, version: ModelVersion, record: RequestRecord) -> None:
         """Count a finished request and raise any alert it triggers."""
         version.stats.record(record)
+        self.notify("request_finished", name=version.name, version=version.number, record=record)
         if self.alerts.rules:
             for alert in self.alerts.check(version.name, version.number, version.stats.snapshot()):
                 log.warning("model.alert", model=version.name, version=version.number, **alert)
@@ -302,9 +307,9 @@ class Lifecycle:
             self._evict(version, "expired")
         return [v.name for v in expired]
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         for name in self.names():
-            self.unload(name)
+            self.unload(name, timeout)
 
     # -- internals ---------------------------------------------------------------------
     def _next_number(self, name: str) -> int:

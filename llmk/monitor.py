@@ -37,6 +37,7 @@ class RequestRecord:
     queue_wait: float = 0.0  # seconds before the model started working on it
     ttft: float | None = None  # seconds to the first generated token
     tpot: float | None = None  # seconds per output token after the first
+    finish_reason: str | None = None  # stop, length, cancelled, timeout; None for scoring and embedding
     error: bool = False  # the model failed it
     rejected: bool = False  # invalid input (the caller's mistake): counted apart from errors
 

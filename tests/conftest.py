@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -90,3 +94,75 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+class ServeProcess:
+    """A real ``llmk serve`` process. Its output (stdout and the structured logs
+    on stderr) is read all along into ``lines``, so the daemon never blocks on a
+    full pipe and tests can look for events."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, ready_timeout: float = 300,
+                 wait_ready: bool = True):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llmk.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self._eof = False
+        self._new_line = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        match = self.wait_for_line(r"listening on (http://\S+)", timeout=ready_timeout)
+        self.url = match.group(1)
+        if wait_ready:
+            self.wait_ready(ready_timeout)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
+        with self._new_line:
+            self._eof = True
+            self._new_line.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._new_line:
+            return "".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = 60, start: int = 0) -> re.Match:
+        """The first line from index ``start`` on that matches ``pattern``."""
+        deadline = time.monotonic() + timeout
+        with self._new_line:
+            while True:
+                for line in self.lines[start:]:
+                    match = re.search(pattern, line)
+                    if match:
+                        return match
+                start = len(self.lines)
+                assert not self._eof, f"llmk serve exited ({self.process.poll()}):\n{''.join(self.lines)}"
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"no line matched {pattern!r}:\n{''.join(self.lines[-40:])}"
+                self._new_line.wait(min(remaining, 0.5))
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while httpx.get(f"{self.url}/ready").status_code != 200:
+            assert time.monotonic() < deadline and self.process.poll() is None, (
+                f"the models did not load:\n{self.output[-4000:]}")
+            time.sleep(0.2)
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(60)

