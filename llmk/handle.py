@@ -160,6 +160,14 @@ class ModelHandle:
             record.queue_wait = timing.queue_wait
             self._kernel.lifecycle.record(version, record)
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` is for this model (waits while it loads)."""
+        version = self._kernel._acquire(self.name)
+        try:
+            return len(version.engine.tokenizer.encode(text))
+        finally:
+            version.release()
+
     # -- embeddings and scoring -----------------------------------------------
     def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
         """Sentence embeddings (L2-normalized), one vector per text."""

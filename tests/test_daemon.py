@@ -375,3 +375,19 @@ def test_sigterm_gives_up_on_requests_after_the_shutdown_timeout(fake_site, tmp_
     assert time.monotonic() - signalled < 20
     thread.join(30)
     assert len(box["pieces"]) < 2000
+
+
+def test_a_model_still_loading_answers_503_with_retry_after(fake_site, tmp_path):
+    # Each runner call sleeps 1 s, so the warm-up (prefill, decode, scoring) keeps it loading for ~3 s.
+    config = "server: {port: 0}\nkernel: {wait_timeout: 0.2}\nmodels:\n" + fake_models(late={"options": {"delay": 1.0}})
+    daemon, _ = start(tmp_path, config, site=fake_site, wait_ready=False)
+    try:
+        body = {"model": "late", "prompt": "Hi", "max_tokens": 1}
+        response = httpx.post(daemon.url + "/v1/completions", json=body, timeout=30)
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "5" and response.json()["error"]["code"] == "model_loading"
+        assert httpx.get(daemon.url + "/ready").json() == {"status": "loading", "missing": ["late"], "failed": {}}
+        daemon.wait_ready(60)
+        assert httpx.post(daemon.url + "/v1/completions", json=body, timeout=30).status_code == 200
+    finally:
+        daemon.stop()

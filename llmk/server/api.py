@@ -121,8 +121,8 @@ def router(daemon: Daemon) -> APIRouter:
         except Exception as error:
             raise api_error(error) from None
 
-    def check_prompt(model: Any, text: str) -> None:
-        tokens = len(model.version.engine.tokenizer.encode(text))
+    async def check_prompt(model: Any, text: str) -> None:
+        tokens = await call(model.count_tokens, text)
         limit = daemon.config.server.max_prompt_tokens
         if tokens > limit:
             raise ApiError(400, f"the prompt has {tokens} tokens; this server accepts at most {limit}",
@@ -157,7 +157,7 @@ def router(daemon: Daemon) -> APIRouter:
         model = handle(request, body.model)
         params = sampling(body)
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        check_prompt(model, " ".join(m["content"] for m in messages))
+        await check_prompt(model, " ".join(m["content"] for m in messages))
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return stream(request, model.achat_stream(messages, **params), ident, created, body.model, chat=True)
@@ -172,7 +172,7 @@ def router(daemon: Daemon) -> APIRouter:
     async def completions(request: Request, body: CompletionBody) -> Any:
         model = handle(request, body.model)
         params = sampling(body)
-        check_prompt(model, body.prompt)
+        await check_prompt(model, body.prompt)
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return stream(request, model.astream(body.prompt, **params), ident, created, body.model, chat=False)
@@ -190,7 +190,7 @@ def router(daemon: Daemon) -> APIRouter:
         if any(not t for t in texts):
             raise ApiError(400, "input: every text must be non-empty", param="input")
         vectors = await call(model.embed, texts)
-        tokens = sum(len(model.version.engine.tokenizer.encode(t)) for t in texts)
+        tokens = await call(lambda: sum(model.count_tokens(t) for t in texts))
         note(request, tokens_in=tokens)
         if body.encoding_format == "base64":
             import base64
