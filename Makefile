@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup run test clean
+.PHONY: setup run test bench bench-quick peers clean
 
 setup: $(VENV)/.installed
 
@@ -26,5 +26,19 @@ run: setup
 test: setup
 	$(VENV)/bin/pytest
 
+# The benchmark suite against its peers (installed once into .venv-peers); docs/BENCHMARKS.md holds the results.
+peers: .venv-peers/.installed
+.venv-peers/.installed: bench/setup_peers.sh
+	bash bench/setup_peers.sh .venv-peers
+	touch $@
+
+bench: setup peers
+	$(PIP) -c constraints.txt -e ".[bench]"
+	$(VENV)/bin/llmk bench --output docs/bench-latest.md --json docs/bench-latest.json --chart docs/benchmarks.png
+
+bench-quick: setup peers
+	$(PIP) -c constraints.txt -e ".[bench]"
+	$(VENV)/bin/llmk bench --quick
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-peers

@@ -214,16 +214,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llmk.bench import run
+    from llmk import bench
+    from llmk.bench import report
+    from llmk.bench.peers import DEFAULT_PEERS_PYTHON, PEERS
 
-    backends = args.backends or ["torch", "onnxruntime", "openvino"]
-    runs = 2 if args.quick else args.runs
+    if args.backends or args.passes:
+        backends = args.backends or ["openvino", "onnxruntime", "torch"]
+        pipelines = [(b, p) for b in backends for p in ([[], list(args.passes)] if args.passes else [[]])]
+    else:
+        pipelines = bench.QUICK_PIPELINES if args.quick else bench.FULL_PIPELINES
+    peers = [] if args.no_peers else (args.peers or list(PEERS))
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        raise LlmkError(f"unknown peer {unknown[0]!r}; known: {', '.join(PEERS)}")
+    runs = args.runs if args.runs is not None else 2 if args.quick else 5
+    clients = [int(c) for c in args.clients.split(",") if c.strip()]
     command = "llmk " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmk") else "llmk bench"
-    report = run(backends, source=args.model, passes=args.passes, runs=runs, cache_dir=args.cache_dir,
-                 command=command)
+    data = bench.run(source=args.model, pipelines=pipelines, peers=peers,
+                     peers_python=args.peers_python or str(DEFAULT_PEERS_PYTHON), runs=runs, serve=not args.no_serve,
+                     clients=clients, cache_dir=args.cache_dir, command=command,
+                     serve_rounds=1 if args.quick else 2, tokens=args.tokens)
+    table = report.markdown(data)
     if args.output:
-        Path(args.output).write_text(report)
-    print(report)
+        Path(args.output).write_text(table)
+    if args.json:
+        Path(args.json).write_text(report.to_json(data))
+    if args.chart:
+        report.chart(data, args.chart)
+    print(table)
     return 0
 
 
@@ -272,14 +290,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (default 8000, or the config's; 0 picks one)")
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="measure decode speed, first-token latency, load time and quality")
+    bench = sub.add_parser("bench", help="llmk and its peers: decode speed, latency, load time, memory, quality, "
+                                         "serving throughput")
     bench.add_argument("--model", default=DEFAULT_CHAT_MODEL)
     bench.add_argument("--backend", dest="backends", action="append", default=[],
-                       help="backend to measure, repeatable (default: torch, onnxruntime, openvino)")
-    bench.add_argument("--pass", dest="passes", action="append", default=[], metavar="P[:k=v,...]")
-    bench.add_argument("--runs", type=int, default=5, help="runs per figure; the median is reported")
-    bench.add_argument("--quick", action="store_true", help="2 runs: a few minutes, for development")
-    bench.add_argument("--output", help="also write the markdown table to this file")
+                       help="backend to measure, repeatable (default: openvino, onnxruntime, torch)")
+    bench.add_argument("--pass", dest="passes", action="append", default=[], metavar="P[:k=v,...]",
+                       help="measure each backend with this pipeline and without (default: none, quantize, "
+                            "quantize:bits=4)")
+    bench.add_argument("--runs", type=int, default=None, help="runs per figure, medians reported (default 5; quick 2)")
+    bench.add_argument("--quick", action="store_true",
+                       help="each backend's fastest pipeline, 2 runs, 1 round per client: a few minutes")
+    bench.add_argument("--peer", dest="peers", action="append", default=[],
+                       help="peer to compare with, repeatable (default: every one installed: transformers, "
+                            "llama.cpp, openvino-genai, onnxruntime-genai)")
+    bench.add_argument("--no-peers", action="store_true", help="measure llmk alone")
+    bench.add_argument("--peers-python", default=None,
+                       help="the peers' interpreter (default .venv-peers/bin/python, see bench/setup_peers.sh)")
+    bench.add_argument("--no-serve", action="store_true", help="skip the concurrent-client figures")
+    bench.add_argument("--clients", default="1,4,8", help="concurrent client counts (default 1,4,8)")
+    bench.add_argument("--tokens", type=int, default=64, help="tokens per completion (default 64)")
+    bench.add_argument("--output", help="also write the markdown report to this file")
+    bench.add_argument("--json", help="also write every measurement as JSON to this file")
+    bench.add_argument("--chart", help="also draw the figures as a PNG (needs matplotlib: llmk[bench])")
     bench.set_defaults(func=cmd_bench)
 
     cache = sub.add_parser("cache", help="list or clear the model cache")

@@ -39,7 +39,7 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def versions(cls) -> dict[str, str]:
-        from llmk_backend_torch.export import export_versions
+        from llmk_backend_torch.backend import export_versions
 
         return {**super().versions(), **export_versions()}
 

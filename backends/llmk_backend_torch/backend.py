@@ -12,6 +12,18 @@ from llmk.cache import Cache
 from llmk.errors import SourceError
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+#: Bump when the graphs ``export.py`` traces change: it is part of every export's cache key.
+EXPORT_VERSION = "1"
+
+
+def export_versions() -> dict[str, str]:
+    """What an exported graph depends on besides the target runtime: the tracer and
+    ``export.py``. Read from the package metadata: a cached load must not pay for
+    importing torch (1.5 s) just to name its cache entry."""
+    from importlib.metadata import version
+
+    return {"torch": version("torch"), "llmk-export": EXPORT_VERSION}
 _INT_SIZES = {"I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 

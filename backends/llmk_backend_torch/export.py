@@ -18,14 +18,6 @@ import torch
 
 from llmk_backend_torch.backend import TORCH_DTYPES
 
-#: Bump when the exported graphs change: it is part of every export's cache key.
-EXPORT_VERSION = "1"
-
-
-def export_versions() -> dict[str, str]:
-    """What an exported graph depends on besides the target runtime: the tracer and this code."""
-    return {"torch": torch.__version__, "llmk-export": EXPORT_VERSION}
-
 
 @dataclass(frozen=True)
 class KVLayout:
