@@ -5,8 +5,8 @@ reads: the very files llmk serves, wherever the peer can read them.
 |---|---|---|
 | transformers | ``generate`` (the baseline) | the Hugging Face checkpoint llmk converted (fp32) |
 | llama.cpp | llama-cpp-python, and its OpenAI server | the GGUF file itself (Q4_1) |
-| openvino-genai | ``LLMPipeline``, with llmk's compile settings and with its own defaults | the IR of each openvino pipeline llmk built |
-| onnxruntime-genai | ``Generator`` | the ONNX graph of each onnxruntime pipeline llmk built |
+| openvino-genai | ``LLMPipeline``, with llmk's settings and its own | the IR of each openvino pipeline |
+| onnxruntime-genai | ``Generator`` | the ONNX graph of each onnxruntime pipeline |
 
 transformers runs in llmk's own environment; the others in the peers'
 (``bench/setup_peers.sh``), which llmk never imports.

@@ -128,7 +128,8 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(
             f"| {engine} | {t.runtime} | {t.weights} | {f.get('decode_tokens_per_s', Figure()).cell()} | "
             f"{_ratio(t.median('decode_tokens_per_s'), baseline)} | {f.get('ttft_seconds', Figure()).cell(0, 1000)} | "
-            f"{f.get('first_token_seconds', Figure()).cell(2)} | {f.get('warm_first_token_seconds', Figure()).cell(2)} | "
+            f"{f.get('first_token_seconds', Figure()).cell(2)} | "
+            f"{f.get('warm_first_token_seconds', Figure()).cell(2)} | "
             f"{f.get('peak_rss_bytes', Figure()).cell(0, 1e-6)} | "
             f"{'–' if t.perplexity is None else f'{t.perplexity:.3f}'} | "
             f"{'–' if t.artifact_bytes is None else f'{t.artifact_bytes / 1e6:.0f}'} |")
