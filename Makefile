@@ -34,7 +34,7 @@ peers: .venv-peers/.installed
 
 bench: setup peers
 	$(PIP) -c constraints.txt -e ".[bench]"
-	$(VENV)/bin/llmk bench --output docs/bench-latest.md --json docs/bench-latest.json --chart docs/benchmarks.png
+	$(VENV)/bin/llmk bench --output bench-report.md --json docs/benchmarks.json --chart docs/benchmarks.png
 
 bench-quick: setup peers
 	$(PIP) -c constraints.txt -e ".[bench]"

@@ -82,7 +82,9 @@ def llama_cpp_server(python: str, gguf: Path, threads: int) -> Iterator[str]:
     port = _free_port()
     process = subprocess.Popen(
         [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench", "--host", "127.0.0.1",
-         "--port", str(port), "--n_threads", str(threads), "--n_ctx", "2048"],
+         "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048",
+         # Its default lets each new request cut the running one short; every client must get its whole answer.
+         "--interrupt_requests", "False"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
