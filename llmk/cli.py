@@ -230,10 +230,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     runs = args.runs if args.runs is not None else 2 if args.quick else 5
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
     command = "llmk " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmk") else "llmk bench"
-    data = bench.run(source=args.model, pipelines=pipelines, peers=peers,
-                     peers_python=args.peers_python or str(DEFAULT_PEERS_PYTHON), runs=runs, serve=not args.no_serve,
-                     clients=clients, cache_dir=args.cache_dir, command=command,
-                     serve_rounds=1 if args.quick else 2, tokens=args.tokens)
+    if args.from_json:
+        data = report.from_json(Path(args.from_json).read_text())
+    else:
+        data = bench.run(source=args.model, pipelines=pipelines, peers=peers,
+                         peers_python=args.peers_python or str(DEFAULT_PEERS_PYTHON), runs=runs,
+                         serve=not args.no_serve, clients=clients, cache_dir=args.cache_dir, command=command,
+                         serve_rounds=1 if args.quick else 2, tokens=args.tokens)
     table = report.markdown(data)
     if args.output:
         Path(args.output).write_text(table)
@@ -313,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", help="also write the markdown report to this file")
     bench.add_argument("--json", help="also write every measurement as JSON to this file")
     bench.add_argument("--chart", help="also draw the figures as a PNG (needs matplotlib: llmk[bench])")
+    bench.add_argument("--from-json", help="measure nothing: render the report (and chart) of a saved --json run")
     bench.set_defaults(func=cmd_bench)
 
     cache = sub.add_parser("cache", help="list or clear the model cache")

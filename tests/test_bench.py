@@ -65,6 +65,12 @@ def test_bench_measures_llmk_and_a_peer_in_one_run(tmp_path, tiny_llama):
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # a saved run renders to the same report, goals included
+    again = subprocess.run([sys.executable, "-m", "llmk.cli", "bench", "--from-json", str(data)], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == done.stdout
+
 
 def test_the_worker_runs_without_llmk_installed(tmp_path):
     """The peers' interpreter has no llmk: the worker must import nothing of it."""

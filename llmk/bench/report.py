@@ -165,16 +165,37 @@ def to_json(data: dict[str, Any]) -> str:
     def target(t: Any) -> dict[str, Any]:
         return {"label": t.label, "engine": t.engine, "runtime": t.runtime, "weights": t.weights,
                 "passes": t.passes, "perplexity": t.perplexity, "model_bytes": t.artifact_bytes, "error": t.error,
+                "follows": t.follows.label if t.follows else None,
                 "figures": {k: {"median": v.median, "values": v.values} for k, v in t.figures.items() if v.values}}
 
     return json.dumps({
-        **{k: data[k] for k in ("command", "machine", "source", "runs", "tokens", "prompt", "missing")},
+        **{k: data[k] for k in ("command", "machine", "source", "runs", "tokens", "prompt", "serve_rounds",
+                                "missing")},
         "targets": [target(t) for t in data["targets"]],
         "servers": [{"name": s.name, "error": s.error,
                      "figures": {str(n): {"median": f.median, "values": f.values} for n, f in s.figures.items()}}
                     for s in data["servers"]],
         "goals": goals(data),
     }, indent=1)
+
+
+def from_json(text: str) -> dict[str, Any]:
+    """A saved run (``to_json``) back as report data, to render it again."""
+    from llmk.bench import Serving, Target
+
+    raw = json.loads(text)
+    targets = []
+    for t in raw["targets"]:
+        target = Target(t["engine"], t["runtime"], t["weights"], "", {}, passes=t["passes"],
+                        artifact_bytes=t["model_bytes"], perplexity=t["perplexity"], error=t["error"])
+        target.figures = {k: Figure(v["values"]) for k, v in t["figures"].items()}
+        targets.append(target)
+    for target, t in zip(targets, raw["targets"]):  # the rows a peer follows, for the overhead goal
+        follows = t.get("follows")
+        target.follows = next((x for x in targets if x.label == follows), None) if follows else None
+    servers = [Serving(s["name"], {int(n): Figure(f["values"]) for n, f in s["figures"].items()}, s["error"])
+               for s in raw["servers"]]
+    return {**raw, "targets": targets, "servers": servers, "serve_rounds": raw.get("serve_rounds", 2)}
 
 
 def chart(data: dict[str, Any], path: str | Path) -> None:
@@ -205,10 +226,10 @@ def chart(data: dict[str, Any], path: str | Path) -> None:
             ax.bar([c + (i - (len(servers) - 1) / 2) * width for c in range(len(counts))],
                    [s.figures[n].median if n in s.figures else 0 for n in counts], width,
                    label=s.name, color="#1f77b4" if s.name.startswith("llmk") else "#aaaaaa")
-        ax.set_xticks(range(len(counts)), [f"{n} clients" for n in counts])
+        ax.set_xticks(range(len(counts)), [f"{n} client{'s' if n > 1 else ''}" for n in counts])
         ax.set_ylabel("aggregate generated tokens/s (median)")
         ax.set_title("OpenAI-compatible servers under concurrent clients")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"{data['source']} on {data['machine']['cpu']}, {data['machine']['cores']} cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
