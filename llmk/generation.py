@@ -174,7 +174,7 @@ class Engine:
                                             max_queue=self.max_queue)
             return self._scheduler
 
-    def load(self) -> tuple[int, int]:
+    def backlog(self) -> tuple[int, int]:
         """Generations (waiting in the queue, decoding in the batch) right now."""
         scheduler = self._scheduler
         return (0, 0) if scheduler is None else (scheduler.queue_depth, scheduler.in_flight)

@@ -110,7 +110,7 @@ class ModelVersion:
 
     def status(self, current: bool = True) -> dict[str, Any]:
         engine = self.engine
-        queued, running = engine.load() if engine is not None else (0, 0)
+        queued, running = engine.backlog() if engine is not None else (0, 0)
         return {
             "name": self.name,
             "version": self.number,
