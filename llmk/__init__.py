@@ -19,15 +19,17 @@ _LAZY = {
     "Backend": "llmk.backend",
     "BackendOptions": "llmk.backend",
     "Runner": "llmk.backend",
-    "DecodeState": "llmk.backend",
+    "KVLayout": "llmk.backend",
+    "SequenceStep": "llmk.backend",
     "Optimizer": "llmk.optimizer",
     "PassOptions": "llmk.optimizer",
     "Artifact": "llmk.artifact",
     "ModelSpec": "llmk.spec",
     "PassSpec": "llmk.spec",
     "GenerationResult": "llmk.generation",
-    "StreamChunk": "llmk.generation",
-    "SamplingParams": "llmk.generation",
+    "StreamChunk": "llmk.sequence",
+    "SamplingParams": "llmk.sampling",
+    "TokenMask": "llmk.sampling",
     "LlmkError": "llmk.errors",
     "PluginError": "llmk.errors",
     "UnknownNameError": "llmk.errors",
@@ -60,7 +62,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from llmk.artifact import Artifact
-    from llmk.backend import Backend, BackendOptions, DecodeState, Runner
+    from llmk.backend import Backend, BackendOptions, KVLayout, Runner, SequenceStep
     from llmk.errors import (
         BackendUnavailableError,
         DuplicateNameError,
@@ -77,10 +79,12 @@ if TYPE_CHECKING:
         UnknownNameError,
         UnsupportedError,
     )
-    from llmk.generation import GenerationResult, SamplingParams, StreamChunk
+    from llmk.generation import GenerationResult
     from llmk.handle import ModelHandle
     from llmk.kernel import Kernel
     from llmk.lifecycle import State
     from llmk.monitor import AlertRule
     from llmk.optimizer import Optimizer, PassOptions
+    from llmk.sampling import SamplingParams, TokenMask
+    from llmk.sequence import StreamChunk
     from llmk.spec import ModelSpec, PassSpec

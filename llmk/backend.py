@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -116,59 +117,104 @@ class Backend(ABC):
         """
 
 
-def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask ``[batch, longest]``, padded on the left so
-    that every prompt's last token sits in the last column (int64)."""
-    import numpy as np
+@dataclass(frozen=True)
+class KVLayout:
+    """How a generation runner stores its KV cache. The engine's KV manager
+    (``llmk.kv``) sizes the cache from it and hands out its blocks.
 
-    width = max(len(p) for p in prompts)
-    ids = np.zeros((len(prompts), width), dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
+    The cache is ``num_blocks`` blocks of ``block_size`` token positions. A
+    *paged* runner (``contiguous=False``) can put any block anywhere in a
+    sequence: sequences that share a prompt prefix share its blocks. A
+    *contiguous* runner keeps each sequence in one slot, a run of
+    ``blocks_per_slot`` consecutive blocks (slot ``s`` holds blocks
+    ``s * blocks_per_slot`` onwards, position ``p`` lives in block
+    ``s * blocks_per_slot + p // block_size``); a prefix cached in another slot
+    is copied (``Runner.copy_blocks``) rather than shared.
+    """
+
+    #: KV bytes of one token position, all layers, keys and values.
+    bytes_per_token: int
+    #: Token positions per block; fixed by some runtimes (OpenVINO's CPU paged attention: 32).
+    block_size: int = 16
+    #: Each sequence lives in one slot of consecutive blocks (see above).
+    contiguous: bool = False
+
+    def blocks_per_slot(self, max_context: int) -> int:
+        return -(-max_context // self.block_size)
 
 
-class DecodeState(ABC):
-    """A batch of sequences in flight on one runner (its KV cache and positions)."""
+@dataclass
+class SequenceStep:
+    """What one sequence computes in an engine step: ``tokens`` at positions
+    ``start, start + 1, ...``, attending to the ``start`` positions already in its
+    cache and causally to each other.
 
-    @abstractmethod
-    def select(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in that order), dropping finished sequences."""
+    Runners keep no state per sequence between steps: every step names the
+    positions and the blocks. That is what lets the engine join and drop
+    sequences without touching the others, share prefix blocks, and roll a
+    sequence back (speculative decoding) by only lowering its next ``start``:
+    positions at and after ``start`` are overwritten before they are read.
+    """
+
+    #: The sequence's slot: unique among the sequences in flight, ``< num_slots``.
+    slot: int
+    #: New token ids (a prompt chunk, the last sampled token, or that token plus drafts).
+    tokens: list[int]
+    #: Positions already cached; ``tokens[i]`` is at position ``start + i``.
+    start: int
+    #: Block table: block ``blocks[p // block_size]`` holds position ``p``, for every
+    #: position up to ``start + len(tokens)``.
+    blocks: list[int]
+    #: Logits wanted for this many of the last positions: 0 (a prompt chunk that
+    #: does not end the prompt), 1 (the next token), or more (checking drafts).
+    logits: int = 1
 
 
 class Runner(ABC):
     """A model loaded by a backend on a device.
 
-    Generation models implement ``prefill``, ``decode`` and ``logits``; encoder
-    models implement ``encode``. All arrays are NumPy, float32, on the host.
+    Generation runners implement the step contract (v2): ``kv_layout``,
+    ``allocate_cache`` and ``forward``, plus ``logits`` for scoring. Encoder
+    runners implement ``encode``. All arrays are NumPy on the host; logits and
+    hidden states are float32.
     """
 
     task: Task
     device: str
     #: Longest sequence (prompt + generated tokens) the model accepts.
     max_context: int = 2048
+    #: The KV cache's layout; ``None`` for encoders.
+    kv_layout: KVLayout | None = None
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[DecodeState, np.ndarray]:
-        """Run whole prompts (of any lengths) and return the state and the
-        logits of each prompt's last token, shape ``[batch, vocab]``."""
+    # -- the step contract ---------------------------------------------------------
+    def allocate_cache(self, num_blocks: int, num_slots: int) -> None:
+        """Create the KV cache: ``num_blocks`` blocks of ``kv_layout.block_size``
+        positions, for at most ``num_slots`` sequences in flight. Called once,
+        before the first ``forward``; its memory counts in the kernel's budget."""
         raise UnsupportedError(f"{type(self).__name__} does not generate")
 
-    def decode(self, state: DecodeState, tokens: list[int]) -> np.ndarray:
-        """Feed one token per sequence; return the next logits ``[batch, vocab]``."""
+    def forward(self, steps: list[SequenceStep]) -> np.ndarray:
+        """Run one engine step: write each step's keys and values at its positions
+        and return the logits it asked for, ``[sum(step.logits), vocab]``, in step
+        order (within a step, positions in order). A step may mix prompt chunks and
+        single decode tokens of different sequences; the result for each sequence
+        must be what it would get alone (the engine checks greedy parity)."""
         raise UnsupportedError(f"{type(self).__name__} does not generate")
 
-    def merge(self, states: list[DecodeState]) -> DecodeState:
-        """One batch holding the rows of ``states`` in order, the shorter caches
-        left-padded (and masked) to the longest: how requests prefilled later
-        join a batch that is decoding (continuous batching). The states are not
-        used afterwards. Optional: without it each prefilled group decodes as its
-        own batch."""
-        raise UnsupportedError(f"{type(self).__name__} cannot merge batches")
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the cached keys and values of block ``src`` into block ``dst``, for
+        each ``(src, dst)``: how a contiguous runner reuses a prefix cached in another
+        slot. Paged runners share blocks instead and never get this call."""
+        raise UnsupportedError(f"{type(self).__name__} cannot copy cache blocks")
 
+    def release_blocks(self, blocks: list[int]) -> None:
+        """``blocks`` hold nothing worth keeping: a runner may give their memory back
+        to the OS (contiguous caches committed lazily). Optional."""
+
+    # -- scoring and embedding -------------------------------------------------------
     def logits(self, token_ids: list[int]) -> np.ndarray:
-        """Logits for every position of one sequence, ``[len, vocab]``."""
+        """Logits for every position of one sequence, ``[len, vocab]``, without
+        touching the serving cache."""
         raise UnsupportedError(f"{type(self).__name__} does not score text")
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -176,7 +222,9 @@ class Runner(ABC):
         raise UnsupportedError(f"{type(self).__name__} does not embed")
 
     def memory_bytes(self) -> int:
-        """Memory the loaded model holds (weights and buffers)."""
+        """Memory the loaded model holds: weights and runtime buffers. The KV cache
+        is counted by the engine, from its capacity (``allocate_cache`` may reserve
+        more address space than the budget lets it fill)."""
         return 0
 
     def close(self) -> None:

@@ -1,54 +1,45 @@
-"""Generation, scoring and embedding on top of any ``Runner``.
+"""The engine of one loaded model: generation, scoring and embedding on any ``Runner``.
 
 Backends only produce logits; everything a user can observe about the output —
 sampling, seeds, stop sequences, streaming, finish reasons, perplexity, pooling —
-happens here, once, so all backends behave identically.
+happens in the core, once, so all backends behave identically. Generations run
+through the model's ``Scheduler`` (``llmk.scheduler``) over its KV cache
+(``llmk.kv``); scoring and embedding take the runner lock between its steps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from llmk.errors import OptionsError, UnsupportedError, format_validation_error
-from llmk.tokenizer import Detokenizer, Tokenizer
+from llmk.errors import OptionsError, UnsupportedError
+from llmk.sampling import LogitsProcessor, SamplingParams, TokenMask, sample
+from llmk.sequence import FinishReason, StreamChunk
+from llmk.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from llmk.backend import Runner
+    from llmk.kv import KVCacheManager
     from llmk.scheduler import Request, Scheduler
 
-#: stop: end of sequence or a stop string; length: max_tokens or the context; cancelled:
-#: the caller stopped it; timeout: its deadline passed.
-FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+__all__ = ["Engine", "FinishReason", "GenerationResult", "LogitsProcessor", "SamplingParams", "StreamChunk",
+           "IDLE_BACKLOG", "PromptTooLongError", "Timing", "TokenMask", "default_kv_tokens", "sample"]
 
 
-class SamplingParams(BaseModel):
-    """How to pick tokens. ``temperature=0`` is greedy; a ``seed`` makes sampling reproducible."""
+#: ``Engine.backlog()`` of a model with nothing to do.
+IDLE_BACKLOG = {"queued": 0, "running": 0, "prefilling": 0, "prefill_tokens_pending": 0}
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_tokens: int = Field(256, ge=1, le=1_000_000)
-    temperature: float = Field(1.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 keeps every token")
-    seed: int | None = None
-    stop: tuple[Annotated[str, Field(min_length=1)], ...] = ()
-
-    @classmethod
-    def build(cls, **fields: Any) -> SamplingParams:
-        if isinstance(fields.get("stop"), str):
-            fields["stop"] = (fields["stop"],)
-        try:
-            return cls.model_validate({k: v for k, v in fields.items() if v is not None})
-        except ValidationError as error:
-            raise OptionsError("generation", format_validation_error(error)) from None
+def default_kv_tokens(max_batch_size: int, max_context: int) -> int:
+    """The KV cache's size when the spec does not set one: 1,024 positions per
+    sequence in flight (llama.cpp's server splits ``-c 16384 -np 16`` the same way),
+    at least one full context up to 8,192 (one long prompt must fit), at most a full
+    context per sequence."""
+    return min(max_batch_size * max_context, max(max_batch_size * 1024, min(max_context, 8192)))
 
 
 @dataclass
@@ -61,6 +52,7 @@ class GenerationResult:
     prompt_tokens: int
     seconds: float = 0.0
     first_token_seconds: float = 0.0
+    queue_wait: float = 0.0
 
     @property
     def completion_tokens(self) -> int:
@@ -71,113 +63,95 @@ class GenerationResult:
 
 
 @dataclass
-class StreamChunk:
-    """A piece of a streamed completion; the last one carries ``finish_reason``."""
-
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-
-    def __str__(self) -> str:
-        return self.text
-
-
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Pick the next token from one row of logits."""
-    import numpy as np
-
-    if params.temperature == 0.0:
-        return int(np.argmax(logits))
-    scores = logits.astype(np.float64) / params.temperature
-    if 0 < params.top_k < scores.shape[-1]:
-        kth = np.partition(scores, -params.top_k)[-params.top_k]
-        scores[scores < kth] = -np.inf
-    probs = np.exp(scores - scores.max())
-    probs /= probs.sum()
-    if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
-        kept = np.zeros_like(probs)
-        kept[keep] = probs[keep]
-        probs = kept / kept.sum()
-    return int(rng.choice(probs.shape[-1], p=probs))
-
-
-@dataclass
 class Timing:
-    """What ``Engine.run`` measured for one request."""
+    """What a generation measured for its request's record."""
 
-    queue_wait: float = 0.0  # seconds in the queue before the scheduler admitted it (its prefill)
+    queue_wait: float = 0.0  # seconds in the queue before the scheduler admitted it
 
 
-class _Sequence:
-    """One prompt being completed: its tokens, text and stop state."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, max_context: int):
-        import numpy as np
-
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.rng = np.random.default_rng(params.seed)
-        self.ids: list[int] = []
-        self.text = ""  # everything decoded so far, stop sequences not yet cut
-        self.emitted = 0  # how much of ``text`` was handed out
-        self.finish: FinishReason | None = None
-        self.budget = min(params.max_tokens, max_context - len(prompt_ids))
-        self._detok = Detokenizer(tokenizer, prompt_ids)
-        self._eos = tokenizer.eos_ids
-        self._hold = max((len(s) for s in params.stop), default=1) - 1
-
-    def push(self, token: int) -> StreamChunk:
-        self.ids.append(token)
-        if token in self._eos:
-            self.finish = "stop"
-        else:
-            self.text += self._detok.push(token)
-            # Emitted text never holds a whole stop sequence, so search only what is new.
-            cuts = [c for c in (self.text.find(s, self.emitted) for s in self.params.stop) if c != -1]
-            if cuts:
-                self.text, self.finish = self.text[:min(cuts)], "stop"
-        if self.finish is None and len(self.ids) >= self.budget:
-            self.finish = "length"
-        # Hold back a tail that may still become a stop sequence.
-        end = len(self.text) if self.finish or not self.params.stop else max(self.emitted, len(self.text) - self._hold)
-        piece, self.emitted = self.text[self.emitted:end], end
-        return StreamChunk(piece, [token], self.finish)
+def _result(request: Request, chunks: list[StreamChunk]) -> GenerationResult:
+    ids = [t for c in chunks for t in c.token_ids]
+    reason = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "cancelled")
+    return GenerationResult("".join(c.text for c in chunks), ids, reason, len(request.sequence.prompt_ids),
+                            request.seconds, request.first_token_seconds, request.queue_wait)
 
 
 class Engine:
     """A runner plus its tokenizer: what one loaded model version can do.
 
-    Generations go through the engine's ``Scheduler`` (continuous batching, up
-    to ``max_batch_size`` sequences per decode step); scoring and embedding
-    calls take the runner lock between the scheduler's steps.
+    For generation models the first request creates the KV cache
+    (``kv_cache_tokens`` positions, default ``default_kv_tokens``) and the
+    scheduler: up to ``max_batch_size`` sequences in flight, ``prefill_chunk``
+    prompt tokens per step, ``max_queue`` requests waiting, the prefix cache on
+    unless ``prefix_caching`` is off.
     """
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer, *, name: str = "model", max_batch_size: int = 8,
-                 max_queue: int = 1024):
+                 max_queue: int = 1024, prefill_chunk: int = 256, kv_cache_tokens: int | None = None,
+                 prefix_caching: bool = True):
         self.runner = runner
         self.tokenizer = tokenizer
         self.lock = threading.Lock()  # held for each runner call
         self.name, self.max_batch_size, self.max_queue = name, max_batch_size, max_queue
+        self.prefill_chunk, self.prefix_caching = prefill_chunk, prefix_caching
+        self.kv_cache_tokens = kv_cache_tokens or default_kv_tokens(max_batch_size, runner.max_context)
         self._scheduler: Scheduler | None = None
+        self._kv: KVCacheManager | None = None
         self._scheduler_lock = threading.Lock()
 
     @property
     def scheduler(self) -> Scheduler:
+        """The model's scheduler, started (with its KV cache) on first use."""
+        from llmk.kv import KVCacheManager
         from llmk.scheduler import Scheduler
 
         with self._scheduler_lock:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self, name=self.name, max_batch_size=self.max_batch_size,
-                                            max_queue=self.max_queue)
+                if self.runner.task != "generate" or self.runner.kv_layout is None:
+                    raise UnsupportedError("this model embeds text; it does not generate")
+                layout = self.runner.kv_layout
+                kv = KVCacheManager(layout, capacity_blocks=-(-self.kv_cache_tokens // layout.block_size),
+                                    num_slots=self.max_batch_size, max_context=self.runner.max_context,
+                                    prefix_caching=self.prefix_caching, copy=self._copy_blocks,
+                                    release=self._release_blocks)
+                with self.lock:
+                    self.runner.allocate_cache(kv.num_blocks, self.max_batch_size)
+                self._kv = kv
+                self._scheduler = Scheduler(self.runner, self.tokenizer, kv, runner_lock=self.lock, name=self.name,
+                                            max_batch_size=self.max_batch_size, max_queue=self.max_queue,
+                                            prefill_chunk=self.prefill_chunk)
             return self._scheduler
 
-    def backlog(self) -> tuple[int, int]:
-        """Generations (waiting in the queue, decoding in the batch) right now."""
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        with self.lock:
+            self.runner.copy_blocks(pairs)
+
+    def _release_blocks(self, blocks: list[int]) -> None:
+        with self.lock:
+            self.runner.release_blocks(blocks)
+
+    def kv_bytes(self) -> int:
+        """The KV cache's budgeted size: its capacity in positions times their size."""
+        layout = self.runner.kv_layout
+        return 0 if layout is None else self.kv_cache_tokens * layout.bytes_per_token
+
+    def memory_bytes(self) -> int:
+        """Weights and runtime buffers, plus the KV cache at its capacity."""
+        return self.runner.memory_bytes() + self.kv_bytes()
+
+    def backlog(self) -> dict[str, int]:
+        """Right now: requests waiting, running (prefilling or decoding), prefilling,
+        and prompt tokens still to compute."""
         scheduler = self._scheduler
-        return (0, 0) if scheduler is None else (scheduler.queue_depth, scheduler.in_flight)
+        if scheduler is None:
+            return dict(IDLE_BACKLOG)
+        return {"queued": scheduler.queue_depth, "running": scheduler.running, "prefilling": scheduler.prefilling,
+                "prefill_tokens_pending": scheduler.prefill_tokens_pending}
+
+    def cache_stats(self) -> dict[str, float]:
+        """The KV cache's use and the prefix cache's savings (empty before the first request)."""
+        kv = self._kv
+        return {} if kv is None else kv.stats().as_dict()
 
     def close(self) -> None:
         """Stop the scheduler (requests still running fail), then free the runner."""
@@ -188,36 +162,33 @@ class Engine:
         self.runner.close()
 
     # -- generation -------------------------------------------------------
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int], limit: int | None = None) -> list[int]:
+        """Token ids of a prompt, refused when empty or longer than the model's
+        context (or ``limit``, a server's cap)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise OptionsError("generation", "the prompt is empty")
+        if limit is not None and len(ids) > limit:
+            raise PromptTooLongError(len(ids), limit, "this server accepts at most")
         if len(ids) >= self.runner.max_context:
-            raise OptionsError(
-                "generation", f"the prompt has {len(ids)} tokens; the model's context is {self.runner.max_context}"
-            )
+            raise PromptTooLongError(len(ids), self.runner.max_context - 1, "the model's context holds at most")
         return ids
 
-    def submit(self, prompt: list[int], params: SamplingParams, timeout: float | None = None) -> Request:
-        """Queue one generation; iterate the returned request for its chunks."""
-        if self.runner.task != "generate":
-            raise UnsupportedError("this model embeds text; it does not generate")
-        return self.scheduler.submit(prompt, params, timeout=timeout)
+    def submit(self, prompt: list[int], params: SamplingParams, timeout: float | None = None,
+               processors: Sequence[LogitsProcessor] = (), loop: asyncio.AbstractEventLoop | None = None) -> Request:
+        """Queue one generation; iterate the returned request for its chunks (``async
+        for`` when ``loop`` is given)."""
+        return self.scheduler.submit(prompt, params, timeout=timeout, processors=processors, loop=loop)
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams],
-                 timing: Timing | None = None, timeout: float | None = None) -> list[GenerationResult]:
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams], timing: Timing | None = None,
+                 timeout: float | None = None,
+                 processors: Sequence[LogitsProcessor] = ()) -> list[GenerationResult]:
         """Complete every prompt; each joins the running batch like any other request."""
-        requests = [self.submit(p, q, timeout) for p, q in zip(prompts, params)]
-        results = []
+        requests = []
         try:
-            for prompt, request in zip(prompts, requests):
-                texts, ids, reason = [], [], None
-                for chunk in request:
-                    texts.append(chunk.text)
-                    ids += chunk.token_ids
-                    reason = chunk.finish_reason or reason
-                results.append(GenerationResult("".join(texts), ids, reason, len(prompt), request.seconds,
-                                                request.first_token_seconds))
+            for prompt, p in zip(prompts, params):
+                requests.append(self.submit(prompt, p, timeout, processors))
+            results = [_result(request, list(request)) for request in requests]
         finally:
             for request in requests:  # the caller gave up (an error, an interrupt): stop the rest
                 request.cancel()
@@ -225,9 +196,26 @@ class Engine:
             timing.queue_wait = max(r.queue_wait for r in requests)
         return results
 
+    async def agenerate(self, prompts: list[list[int]], params: list[SamplingParams], timing: Timing | None = None,
+                        timeout: float | None = None,
+                        processors: Sequence[LogitsProcessor] = ()) -> list[GenerationResult]:
+        """``generate`` for a coroutine: no thread is blocked while it runs."""
+        loop = asyncio.get_running_loop()
+        requests = []
+        try:
+            for prompt, p in zip(prompts, params):
+                requests.append(self.submit(prompt, p, timeout, processors, loop))
+            results = [_result(request, [chunk async for chunk in request]) for request in requests]
+        finally:
+            for request in requests:
+                request.cancel()
+        if timing is not None:
+            timing.queue_wait = max(r.queue_wait for r in requests)
+        return results
+
     def stream(self, prompt: list[int], params: SamplingParams, timing: Timing | None = None,
-               timeout: float | None = None) -> Iterator[StreamChunk]:
-        request = self.submit(prompt, params, timeout)
+               timeout: float | None = None, processors: Sequence[LogitsProcessor] = ()) -> Iterator[StreamChunk]:
+        request = self.submit(prompt, params, timeout, processors)
         try:
             for chunk in request:
                 if timing is not None:
@@ -235,6 +223,16 @@ class Engine:
                 yield chunk
         finally:
             request.cancel()  # a no-op once finished; otherwise the reader went away
+
+    async def astream(self, request: Request, timing: Timing | None = None) -> AsyncIterator[StreamChunk]:
+        """The chunks of a request submitted with ``loop``; leaving early cancels it."""
+        try:
+            async for chunk in request:
+                if timing is not None:
+                    timing.queue_wait = request.queue_wait
+                yield chunk
+        finally:
+            request.cancel()
 
     # -- scoring ----------------------------------------------------------
     def perplexity(self, text: str) -> float:
@@ -282,3 +280,11 @@ class Engine:
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
         norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
         return (pooled / norms).tolist()
+
+
+class PromptTooLongError(OptionsError):
+    """A prompt has more tokens than the model's context or the server's limit."""
+
+    def __init__(self, tokens: int, limit: int, what: str):
+        self.tokens, self.limit = tokens, limit
+        super().__init__("generation", f"the prompt has {tokens} tokens; {what} {limit}")

@@ -4,26 +4,32 @@ A handle names a model rather than holding one: every call leases the version
 that is current *when the call starts* and keeps it until the call (or stream)
 ends. After a hot-swap the same handle serves the new version, while calls that
 were already running finish on the old one.
+
+Every generating call has an async twin that runs on the caller's event loop:
+it submits to the model's scheduler and awaits chunks handed over by the
+scheduler thread, with no thread of its own (``llmk.scheduler``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, overload
 
 from llmk.errors import OptionsError
-from llmk.generation import GenerationResult, SamplingParams, StreamChunk, Timing
+from llmk.generation import Engine, GenerationResult, SamplingParams, StreamChunk, Timing
 from llmk.monitor import RequestRecord
 
 if TYPE_CHECKING:
     from llmk.kernel import Kernel
     from llmk.lifecycle import ModelVersion
+    from llmk.sampling import LogitsProcessor
 
 Messages = Sequence[dict[str, Any]]
+#: Turns the leased engine into the prompt's token ids (``limit``: a cap on its length).
+PromptIds = Callable[[Engine, "int | None"], list[int]]
 
 
 def _check_messages(messages: Messages) -> list[dict[str, Any]]:
@@ -37,8 +43,53 @@ def _check_messages(messages: Messages) -> list[dict[str, Any]]:
     return [dict(m) for m in messages]
 
 
+def _text_ids(prompt: str) -> PromptIds:
+    return lambda engine, limit: engine.prompt_ids(prompt, limit)
+
+
+def _chat_ids(messages: Messages) -> PromptIds:
+    return lambda engine, limit: engine.prompt_ids(
+        engine.tokenizer.apply_chat_template(_check_messages(messages)), limit)
+
+
+class AsyncStream:
+    """The chunks of a streamed generation, for ``async for``. ``await
+    stream.start()`` validates and queues the request before the first chunk
+    (a server does, to answer bad input before it sends headers); iterating
+    starts it otherwise. ``aclose()`` (or leaving the loop) stops the generation."""
+
+    def __init__(self, chunks: AsyncGenerator[StreamChunk | None, None]):
+        self._chunks = chunks
+        self._started = False
+
+    async def start(self) -> AsyncStream:
+        if not self._started:
+            self._started = True
+            await self._chunks.__anext__()  # runs up to the point where the request is queued
+        return self
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        await self.start()
+        chunk = await self._chunks.__anext__()
+        assert chunk is not None
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
 class ModelHandle:
-    """Generate, chat, stream, embed and score with the model loaded as ``name``."""
+    """Generate, chat, stream, embed and score with the model loaded as ``name``.
+
+    Generation calls take ``max_tokens``, ``temperature``, ``top_p``, ``top_k``,
+    ``seed``, ``stop``, ``timeout`` (seconds, queueing included: the generation
+    stops with ``finish_reason="timeout"``), ``logits_processors`` (run on each
+    step's logits before sampling: ``llmk.sampling.TokenMask`` constrains
+    tokens) and ``max_prompt_tokens`` (refuse longer prompts).
+    """
 
     def __init__(self, kernel: Kernel, name: str):
         self._kernel = kernel
@@ -50,18 +101,31 @@ class ModelHandle:
     @property
     def version(self) -> ModelVersion:
         """The version serving right now (a snapshot; it may be swapped later)."""
-        return self._kernel._current(self.name)
+        return self._kernel.lifecycle.current(self.name)
 
     def status(self) -> dict[str, Any]:
         return self.version.status(current=True)
 
+    # -- leases ---------------------------------------------------------------
+    def _acquire(self) -> ModelVersion:
+        return self._kernel.lifecycle.acquire(self.name)
+
+    async def _aacquire(self) -> ModelVersion:
+        """Lease without blocking the event loop (a thread waits only while the model loads)."""
+        version = self._kernel.lifecycle.try_acquire(self.name)
+        return version if version is not None else await asyncio.to_thread(self._acquire)
+
+    def _finished(self, version: ModelVersion, record: RequestRecord, timing: Timing) -> None:
+        version.release()
+        record.queue_wait = timing.queue_wait
+        self._kernel.lifecycle.record(version, record)
+
     @contextmanager
-    def _lease(self) -> Iterator[tuple[ModelVersion, RequestRecord, Timing]]:
-        """The current version, leased for one call, and the record of that call."""
-        version = self._kernel._acquire(self.name)
+    def _recording(self, version: ModelVersion) -> Iterator[tuple[RequestRecord, Timing]]:
+        """The record of one call on a leased version; the lease ends with it."""
         record, timing = RequestRecord(), Timing()
         try:
-            yield version, record, timing
+            yield record, timing
         except OptionsError:  # the caller's mistake, not the model's
             record.rejected = True
             raise
@@ -69,9 +133,7 @@ class ModelHandle:
             record.error = True
             raise
         finally:
-            version.release()
-            record.queue_wait = timing.queue_wait
-            self._kernel.lifecycle.record(version, record)
+            self._finished(version, record, timing)
 
     # -- generation ---------------------------------------------------------
     @overload
@@ -79,90 +141,146 @@ class ModelHandle:
     @overload
     def generate(self, prompt: list[str], **params: Any) -> list[GenerationResult]: ...
 
-    def generate(self, prompt: str | list[str], *, max_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None,
-                 timeout: float | None = None) -> GenerationResult | list[GenerationResult]:
+    def generate(self, prompt: str | list[str], *, timeout: float | None = None,
+                 logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
+                 **params: Any) -> GenerationResult | list[GenerationResult]:
         """Complete a prompt, or a list of prompts as one batch (each result is
-        the same as completing that prompt alone, greedy or with the same seed).
-
-        ``timeout`` (seconds, queueing included) stops a generation that runs
-        longer: its result ends with ``finish_reason="timeout"``."""
-        params = SamplingParams.build(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                      seed=seed, stop=stop)
+        the same as completing that prompt alone, greedy or with the same seed)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise OptionsError("generation", "no prompts given")
-        with self._lease() as (version, record, timing):
+        version = self._acquire()
+        with self._recording(version) as (record, timing):
+            sampling = SamplingParams.build(**params)
+            if not prompts:
+                raise OptionsError("generation", "no prompts given")
             engine = version.engine
-            ids = [engine.prompt_ids(p) for p in prompts]
-            results = engine.generate(ids, [params] * len(ids), timing, timeout)
+            ids = [engine.prompt_ids(p, max_prompt_tokens) for p in prompts]
+            results = engine.generate(ids, [sampling] * len(ids), timing, timeout, logits_processors)
             _measure(record, results)
         return results[0] if isinstance(prompt, str) else results
 
-    def chat(self, messages: Messages, *, timeout: float | None = None, **params: Any) -> GenerationResult:
+    def chat(self, messages: Messages, *, timeout: float | None = None,
+             logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
+             **params: Any) -> GenerationResult:
         """Answer a conversation, formatted with the model's chat template."""
-        with self._lease() as (version, record, timing):
-            ids = version.engine.prompt_ids(version.engine.tokenizer.apply_chat_template(_check_messages(messages)))
-            (result,) = version.engine.generate([ids], [SamplingParams.build(**params)], timing, timeout)
+        version = self._acquire()
+        with self._recording(version) as (record, timing):
+            sampling = SamplingParams.build(**params)
+            ids = _chat_ids(messages)(version.engine, max_prompt_tokens)
+            (result,) = version.engine.generate([ids], [sampling], timing, timeout, logits_processors)
             _measure(record, [result])
         return result
 
-    def stream(self, prompt: str, *, timeout: float | None = None, **params: Any) -> Iterator[StreamChunk]:
+    def stream(self, prompt: str, *, timeout: float | None = None,
+               logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
+               **params: Any) -> Iterator[StreamChunk]:
         """Yield the completion piece by piece as tokens are generated; closing
-        the iterator stops the generation."""
-        return self._stream(lambda engine: engine.prompt_ids(prompt), SamplingParams.build(**params), timeout)
+        the iterator stops the generation. Bad input raises here, at the call."""
+        return self._stream(_text_ids(prompt), params, timeout, logits_processors, max_prompt_tokens)
 
     def chat_stream(self, messages: Messages, *, timeout: float | None = None,
+                    logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
                     **params: Any) -> Iterator[StreamChunk]:
         """``chat`` streamed piece by piece."""
-        messages = _check_messages(messages)
-        return self._stream(lambda engine: engine.prompt_ids(engine.tokenizer.apply_chat_template(messages)),
-                            SamplingParams.build(**params), timeout)
+        return self._stream(_chat_ids(messages), params, timeout, logits_processors, max_prompt_tokens)
 
-    def _stream(self, make_ids: Any, params: SamplingParams, timeout: float | None) -> Iterator[StreamChunk]:
-        # Validate and lease now, not at the first next(): errors surface at the call.
-        version = self._kernel._acquire(self.name)
-        try:
-            ids = make_ids(version.engine)
-        except Exception:
-            version.release()
-            raise
-        stream = self._stream_leased(version, ids, params, timeout)
-        # Consume the leading None: the generator is now inside its try block, so
-        # close() or garbage collection releases the lease even if never iterated.
+    def _stream(self, make_ids: PromptIds, params: dict[str, Any], timeout: float | None,
+                processors: Sequence[LogitsProcessor], limit: int | None) -> Iterator[StreamChunk]:
+        stream = self._stream_leased(make_ids, params, timeout, processors, limit)
+        # Run up to the leading None: the request is validated and queued, and the
+        # generator is inside its try block, so close() or garbage collection
+        # releases the lease even if it is never iterated.
         next(stream)
-        return stream
+        return stream  # type: ignore[return-value]
 
-    def _stream_leased(self, version: ModelVersion, ids: list[int], params: SamplingParams,
-                       timeout: float | None) -> Iterator[StreamChunk | None]:
-        started = time.perf_counter()
-        record, timing = RequestRecord(tokens_in=len(ids)), Timing()
-        first = 0.0
-        try:
-            yield None  # consumed by _stream
-            record.finish_reason = "cancelled"  # unless the stream reaches its end
-            for chunk in version.engine.stream(ids, params, timing, timeout):
-                if not record.tokens_out:
-                    first = time.perf_counter() - started
-                    record.ttft = first
-                record.tokens_out += len(chunk.token_ids)
-                if chunk.finish_reason is not None:
-                    record.finish_reason = chunk.finish_reason
-                yield chunk
-        except Exception:
-            record.error = True
-            raise
-        finally:
-            version.release()
-            if record.tokens_out > 1:
-                record.tpot = (time.perf_counter() - started - first) / (record.tokens_out - 1)
-            record.queue_wait = timing.queue_wait
-            self._kernel.lifecycle.record(version, record)
+    def _stream_leased(self, make_ids: PromptIds, params: dict[str, Any], timeout: float | None,
+                       processors: Sequence[LogitsProcessor], limit: int | None) -> Iterator[StreamChunk | None]:
+        version = self._acquire()
+        with self._recording(version) as (record, timing):
+            started = time.perf_counter()
+            engine = version.engine
+            sampling = SamplingParams.build(**params)
+            ids = make_ids(engine, limit)
+            record.tokens_in = len(ids)
+            request = engine.submit(ids, sampling, timeout, processors)
+            try:
+                yield None  # consumed by _stream
+                record.finish_reason = "cancelled"  # unless the stream reaches its end
+                for chunk in request:
+                    timing.queue_wait = request.queue_wait
+                    _count(record, chunk, started)
+                    yield chunk
+            finally:
+                request.cancel()  # a no-op once finished; otherwise the reader went away
+                _pace(record, started)
+
+    # -- async generation: on the caller's event loop, no thread per request -------------
+    async def agenerate(self, prompt: str | list[str], *, timeout: float | None = None,
+                        logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
+                        **params: Any) -> Any:
+        """``generate`` for a coroutine."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        version = await self._aacquire()
+        with self._recording(version) as (record, timing):
+            sampling = SamplingParams.build(**params)
+            if not prompts:
+                raise OptionsError("generation", "no prompts given")
+            engine = version.engine
+            ids = [engine.prompt_ids(p, max_prompt_tokens) for p in prompts]
+            results = await engine.agenerate(ids, [sampling] * len(ids), timing, timeout, logits_processors)
+            _measure(record, results)
+        return results[0] if isinstance(prompt, str) else results
+
+    async def achat(self, messages: Messages, *, timeout: float | None = None,
+                    logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
+                    **params: Any) -> GenerationResult:
+        """``chat`` for a coroutine."""
+        version = await self._aacquire()
+        with self._recording(version) as (record, timing):
+            sampling = SamplingParams.build(**params)
+            ids = _chat_ids(messages)(version.engine, max_prompt_tokens)
+            (result,) = await version.engine.agenerate([ids], [sampling], timing, timeout, logits_processors)
+            _measure(record, [result])
+        return result
+
+    def astream(self, prompt: str, *, timeout: float | None = None,
+                logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
+                **params: Any) -> AsyncStream:
+        """``stream`` for a coroutine: ``async for piece in handle.astream(...)``."""
+        return AsyncStream(self._astream_leased(_text_ids(prompt), params, timeout, logits_processors,
+                                                max_prompt_tokens))
+
+    def achat_stream(self, messages: Messages, *, timeout: float | None = None,
+                     logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
+                     **params: Any) -> AsyncStream:
+        """``chat_stream`` for a coroutine."""
+        return AsyncStream(self._astream_leased(_chat_ids(messages), params, timeout, logits_processors,
+                                                max_prompt_tokens))
+
+    async def _astream_leased(self, make_ids: PromptIds, params: dict[str, Any], timeout: float | None,
+                              processors: Sequence[LogitsProcessor],
+                              limit: int | None) -> AsyncGenerator[StreamChunk | None, None]:
+        version = await self._aacquire()
+        with self._recording(version) as (record, timing):
+            started = time.perf_counter()
+            engine = version.engine
+            sampling = SamplingParams.build(**params)
+            ids = make_ids(engine, limit)
+            record.tokens_in = len(ids)
+            request = engine.submit(ids, sampling, timeout, processors, asyncio.get_running_loop())
+            try:
+                yield None  # consumed by AsyncStream.start
+                record.finish_reason = "cancelled"
+                async for chunk in request:
+                    timing.queue_wait = request.queue_wait
+                    _count(record, chunk, started)
+                    yield chunk
+            finally:
+                request.cancel()
+                _pace(record, started)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` is for this model (waits while it loads)."""
-        version = self._kernel._acquire(self.name)
+        version = self._acquire()
         try:
             return len(version.engine.tokenizer.encode(text))
         finally:
@@ -172,34 +290,37 @@ class ModelHandle:
     def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
         """Sentence embeddings (L2-normalized), one vector per text."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        with self._lease() as (version, record, _):
+        version = self._acquire()
+        with self._recording(version) as (record, _):
             vectors = version.engine.embed(texts)
             record.tokens_in = len(texts)
         return vectors
 
     def perplexity(self, text: str) -> float:
         """Perplexity of the model on ``text`` (lower is better)."""
-        with self._lease() as (version, _, _):
+        version = self._acquire()
+        with self._recording(version):
             return version.engine.perplexity(text)
 
-    # -- async variants, for host apps running an event loop -------------------
-    async def agenerate(self, prompt: str | list[str], **params: Any) -> Any:
-        return await asyncio.to_thread(self.generate, prompt, **params)
-
-    async def achat(self, messages: Messages, **params: Any) -> GenerationResult:
-        return await asyncio.to_thread(self.chat, messages, **params)
-
     async def aembed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        # The runner computes while a thread waits: embeddings are not scheduled in steps.
         return await asyncio.to_thread(self.embed, texts)
 
     async def aperplexity(self, text: str) -> float:
         return await asyncio.to_thread(self.perplexity, text)
 
-    def astream(self, prompt: str, **params: Any) -> AsyncIterator[StreamChunk]:
-        return _to_async(lambda: self.stream(prompt, **params))
 
-    def achat_stream(self, messages: Messages, **params: Any) -> AsyncIterator[StreamChunk]:
-        return _to_async(lambda: self.chat_stream(messages, **params))
+def _count(record: RequestRecord, chunk: StreamChunk, started: float) -> None:
+    if chunk.token_ids and not record.tokens_out:
+        record.ttft = time.perf_counter() - started
+    record.tokens_out += len(chunk.token_ids)
+    if chunk.finish_reason is not None:
+        record.finish_reason = chunk.finish_reason
+
+
+def _pace(record: RequestRecord, started: float) -> None:
+    if record.tokens_out > 1 and record.ttft is not None:
+        record.tpot = (time.perf_counter() - started - record.ttft) / (record.tokens_out - 1)
 
 
 def _measure(record: RequestRecord, results: list[GenerationResult]) -> None:
@@ -213,38 +334,3 @@ def _measure(record: RequestRecord, results: list[GenerationResult]) -> None:
              for r in results if r.completion_tokens > 1]
     record.tpot = sum(paced) / len(paced) if paced else None
 
-
-async def _to_async(make: Any) -> AsyncIterator[StreamChunk]:
-    """Run a blocking chunk iterator in a worker thread; stopping early (or the
-    consumer being cancelled) stops the generation after its current step."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    stop = threading.Event()
-    done = object()
-
-    def work() -> None:
-        try:
-            iterator = make()
-            try:
-                for chunk in iterator:
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                    if stop.is_set():
-                        break
-            finally:
-                iterator.close()
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-        except BaseException as error:  # handed to the consumer
-            loop.call_soon_threadsafe(queue.put_nowait, error)
-
-    worker = loop.run_in_executor(None, work)
-    try:
-        while True:
-            item = await queue.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        await asyncio.shield(worker)

@@ -23,8 +23,9 @@ from llmk.errors import (
     UnsupportedError,
     format_validation_error,
 )
-from llmk.generation import Engine, SamplingParams
+from llmk.generation import Engine, SamplingParams, default_kv_tokens
 from llmk.handle import ModelHandle
+from llmk.kv import config_bytes_per_token, config_max_context
 from llmk.lifecycle import Lifecycle, ModelVersion
 from llmk.logs import get_logger
 from llmk.memory import parse_size
@@ -189,17 +190,27 @@ class Kernel:
         version.backend, version.device, version.dtype = backend_cls.name, device, dtype
         base, version.artifact, built = self._prepare(source, backend, dtype, passes)
         version.plan = _Plan(source, backend, options, base, built)
-        return backend.estimate_memory(version.artifact, device=device, dtype=dtype, options=options)
+        weights = backend.estimate_memory(version.artifact, device=device, dtype=dtype, options=options)
+        if source.task != "generate":
+            return weights
+        # The KV cache counts in the budget at its capacity, estimated from the model's config.
+        per_token = config_bytes_per_token(source.path, dtype)
+        tokens = _kv_tokens(spec, per_token, config_max_context(source.path))
+        return weights + tokens * per_token
 
     def start(self, version: ModelVersion) -> None:
         """Load the artifact; run the quality gate when the spec has one."""
         plan: _Plan = version.plan
+        spec = version.spec
         runner = plan.backend.load(version.artifact, device=version.device, dtype=version.dtype,
                                    options=plan.options, cache=self.cache)
-        version.engine = Engine(runner, Tokenizer(plan.source.tokenizer_dir, source=version.spec.source),
-                                name=version.name, max_batch_size=version.spec.max_batch_size,
-                                max_queue=self.max_queue)
-        if plan.built and version.spec.max_ppl_increase is not None:
+        layout = runner.kv_layout
+        kv_tokens = _kv_tokens(spec, layout.bytes_per_token, runner.max_context) if layout is not None else None
+        version.engine = Engine(runner, Tokenizer(plan.source.tokenizer_dir, source=spec.source), name=version.name,
+                                max_batch_size=spec.max_batch_size, max_queue=self.max_queue,
+                                prefill_chunk=spec.prefill_chunk, kv_cache_tokens=kv_tokens,
+                                prefix_caching=spec.prefix_caching)
+        if plan.built and spec.max_ppl_increase is not None:
             try:
                 version.quality = self._quality_gate(version, plan.base, plan.backend, version.device,
                                                      version.dtype, plan.options)
@@ -228,13 +239,6 @@ class Kernel:
             raise HealthCheckError(version.name, "the warm-up request returned non-finite or empty output")
 
     # -- internals ---------------------------------------------------------------
-    def _acquire(self, name: str) -> ModelVersion:
-        """Lease the current version of ``name`` (waiting while it loads)."""
-        return self.lifecycle.acquire(name)
-
-    def _current(self, name: str) -> ModelVersion:
-        return self.lifecycle.current(name)
-
     def _resolve_pass(self, pass_spec: PassSpec) -> tuple[Registered[Optimizer], PassOptions]:
         registered = self.plugins.passes.get(pass_spec.name)
         reason = registered.cls.availability()
@@ -391,6 +395,18 @@ class _Reaper:
                 self.lifecycle.reap()
             except Exception as error:  # keep reaping; the next pass may succeed
                 log.error("model.reap_failed", error=str(error))
+
+
+def _kv_tokens(spec: ModelSpec, bytes_per_token: int, max_context: int) -> int:
+    """The KV cache's capacity in token positions, from the spec's ``kv_cache``
+    (positions, or a size in bytes), else ``default_kv_tokens``."""
+    if isinstance(spec.kv_cache, int):
+        return spec.kv_cache
+    if isinstance(spec.kv_cache, str):
+        size = parse_size(spec.kv_cache, "kv_cache") or 0
+        return max(1, size // bytes_per_token) if bytes_per_token else default_kv_tokens(spec.max_batch_size,
+                                                                                          max_context)
+    return default_kv_tokens(spec.max_batch_size, max_context)
 
 
 def _backend_options(cls: type[Backend], raw: dict[str, Any]) -> BackendOptions:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmk.errors import LlmkError, MemoryBudgetError, ModelLoadError, ModelNotFoundError, ModelNotReadyError
+from llmk.generation import IDLE_BACKLOG
 from llmk.logs import get_logger
 from llmk.memory import Resident, choose_victims, process_rss, release_freed_memory
 from llmk.monitor import AlertRule, Alerts, LifecycleStats, RequestRecord, RequestStats
@@ -94,9 +95,10 @@ class ModelVersion:
             return self._cond.wait_for(lambda: self._leases == 0, timeout)
 
     def memory_bytes(self) -> int:
-        """What the backend reports holding once loaded; the estimate before that."""
+        """What the engine reports holding once loaded (the KV cache at its
+        capacity included); the estimate before that."""
         engine = self.engine
-        return engine.runner.memory_bytes() if engine is not None else self.memory_estimate
+        return engine.memory_bytes() if engine is not None else self.memory_estimate
 
     def budgeted_bytes(self) -> int:
         """What the memory budget counts: the estimate or the report, whichever is
@@ -110,7 +112,7 @@ class ModelVersion:
 
     def status(self, current: bool = True) -> dict[str, Any]:
         engine = self.engine
-        queued, running = engine.backlog() if engine is not None else (0, 0)
+        backlog = engine.backlog() if engine is not None else dict(IDLE_BACKLOG)
         return {
             "name": self.name,
             "version": self.number,
@@ -131,8 +133,8 @@ class ModelVersion:
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
             "active_requests": self._leases,
-            "queued": queued,
-            "running": running,
+            **backlog,
+            **(engine.cache_stats() if engine is not None else {}),
             "failure": self.failure,
             **self.stats.snapshot(),
         }
@@ -238,6 +240,15 @@ class Lifecycle:
                 if remaining <= 0:
                     raise ModelNotReadyError(name, time.monotonic() - started)
                 self._changed.wait(min(remaining, 1.0))
+
+    def try_acquire(self, name: str) -> ModelVersion | None:
+        """Lease the current version of ``name`` if one is serving, without
+        waiting (an event loop must not block); ``None`` otherwise."""
+        with self._changed:
+            version = self._current.get(name)
+            if version is not None:
+                version.lease(self.clock())
+            return version
 
     def record(self, version: ModelVersion, record: RequestRecord) -> None:
         """Count a finished request and raise any alert it triggers."""

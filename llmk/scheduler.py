@@ -1,32 +1,48 @@
-"""Continuous batching: one thread per loaded model runs every generation.
+"""The engine loop: one thread per loaded model runs every generation, in steps.
 
-Requests wait in a bounded queue. Between two decode steps the scheduler
-admits waiting requests (up to ``max_batch_size`` in flight), prefills them
-together and merges them into the batch that is already decoding
-(``Runner.merge``), so a new request never waits for the others to finish and
-every decode step serves everyone in flight. A runner without ``merge`` keeps
-each admitted group as its own batch and steps the groups in turn.
+A step is a token budget (vLLM v1's scheduler, llama.cpp's server slots): every
+running sequence whose prompt is in the KV cache decodes one token, and up to
+``prefill_chunk`` prompt tokens go to the sequences still prefilling, oldest
+first. A long prompt is computed over several steps while the others keep
+streaming, and a cancelled or expired request stops within one step. Between
+steps the scheduler drops cancelled and expired requests, frees what finished,
+and admits waiting requests, first come first served, while there is a free
+slot (``max_batch_size``) and KV room for the prompt plus ``max_tokens``.
 
-A request that is cancelled (its client went away, its deadline passed) leaves
-the batch at the next step; its row is dropped with ``DecodeState.select``.
+Runners keep no state per sequence (``llmk.backend.SequenceStep``): a request
+joining the batch costs its own prompt and nothing else, and one leaving costs
+nothing. A failure in a step fails the requests in that step, with the error,
+and no others.
+
+Chunks reach their readers through each request's channel: a queue for a
+thread, or an asyncio queue fed with ``loop.call_soon_threadsafe`` for a
+coroutine (vLLM's ``RequestOutputCollector``), never a thread per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from llmk.errors import LlmkError, UnsupportedError
+from llmk.backend import SequenceStep
+from llmk.errors import LlmkError, OptionsError
 from llmk.logs import get_logger
+from llmk.sampling import sample
+from llmk.sequence import Sequence as GenSequence
+from llmk.sequence import StreamChunk
 
 if TYPE_CHECKING:
-    from llmk.backend import DecodeState
-    from llmk.generation import Engine, SamplingParams, StreamChunk, _Sequence
+    import numpy as np
+
+    from llmk.backend import Runner
+    from llmk.kv import KVCacheManager
+    from llmk.sampling import LogitsProcessor, SamplingParams
+    from llmk.tokenizer import Tokenizer
 
 log = get_logger("llmk.scheduler")
 
@@ -41,11 +57,48 @@ class QueueFullError(LlmkError):
         super().__init__(f"model {model!r} has {depth} requests waiting, its queue limit; retry later")
 
 
-class Request:
-    """One submitted generation: iterate it for its chunks, ``cancel`` to stop it."""
+class EngineClosedError(LlmkError):
+    """The model was unloaded (or its engine stopped) while a request was queued or running."""
 
-    def __init__(self, seq: _Sequence, deadline: float | None):
-        self.seq = seq
+
+class _ThreadChannel:
+    """Chunks for a reader in a thread."""
+
+    def __init__(self) -> None:
+        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def put(self, item: Any) -> bool:
+        self._items.put(item)
+        return True
+
+    def get(self) -> Any:
+        return self._items.get()
+
+
+class _LoopChannel:
+    """Chunks for a coroutine: handed to its event loop, which wakes the reader."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, item: Any) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody will read this
+            return False
+        return True
+
+    async def get(self) -> Any:
+        return await self._items.get()
+
+
+class Request:
+    """One submitted generation: iterate it (``for`` in a thread, ``async for`` on the
+    event loop it was submitted from) for its chunks; ``cancel`` stops it."""
+
+    def __init__(self, sequence: GenSequence, deadline: float | None, loop: asyncio.AbstractEventLoop | None):
+        self.sequence = sequence
         self.deadline = deadline
         self.submitted = time.perf_counter()
         self.admitted: float | None = None
@@ -53,11 +106,12 @@ class Request:
         self.finished: float | None = None
         self.cancelled = threading.Event()
         self.cancel_reason = "cancelled"
-        self._chunks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._channel: _ThreadChannel | _LoopChannel = _LoopChannel(loop) if loop else _ThreadChannel()
 
     @property
     def queue_wait(self) -> float:
-        return (self.admitted or time.perf_counter()) - self.submitted
+        """Seconds from submission until the scheduler admitted it (so far, if still waiting)."""
+        return (self.admitted or self.finished or time.perf_counter()) - self.submitted
 
     @property
     def seconds(self) -> float:
@@ -68,82 +122,115 @@ class Request:
         return (self.first_token or self.finished or time.perf_counter()) - self.submitted
 
     def cancel(self, reason: str = "cancelled") -> None:
+        """Stop generating (a no-op once finished); the reader gets a last chunk
+        whose ``finish_reason`` is ``cancelled`` (or ``timeout``)."""
         if self.finished is None:
             self.cancel_reason = reason
             self.cancelled.set()
 
     def __iter__(self) -> Iterator[StreamChunk]:
+        channel = self._channel
+        if not isinstance(channel, _ThreadChannel):
+            raise TypeError("this request was submitted from an event loop: use `async for`")
         while True:
-            item = self._chunks.get()
+            item = channel.get()
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
 
-    # -- the scheduler's side ---------------------------------------------------
+    async def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        channel = self._channel
+        if not isinstance(channel, _LoopChannel):
+            raise TypeError("this request was submitted from a thread: use `for`")
+        while True:
+            item = await channel.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    # -- the scheduler's side ---------------------------------------------------------
     def _emit(self, chunk: StreamChunk) -> None:
         now = time.perf_counter()
         if self.first_token is None and chunk.token_ids:
             self.first_token = now
         if chunk.finish_reason is not None:
             self.finished = now
-        self._chunks.put(chunk)
+        delivered = self._channel.put(chunk)
         if chunk.finish_reason is not None:
-            self._chunks.put(_END)
+            self._channel.put(_END)
+        elif not delivered:
+            self.cancel()
 
     def _fail(self, error: BaseException) -> None:
-        self._chunks.put(error)
-
-
-@dataclass
-class _Group:
-    """Requests decoding together on one ``DecodeState``, in its row order."""
-
-    state: DecodeState
-    requests: list[Request] = field(default_factory=list)
+        self.finished = self.finished or time.perf_counter()
+        self._channel.put(error)
 
 
 class Scheduler:
-    """Runs the generations of one engine on a background thread."""
+    """Runs the generations of one model on a background thread, in steps.
 
-    def __init__(self, engine: Engine, *, name: str = "model", max_batch_size: int = 8, max_queue: int = 1024):
-        self.engine, self.name = engine, name
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+    ``runner_lock`` is held around every runner call (scoring calls take it
+    between steps). The gauges (``queue_depth``, ``running``, ``prefilling``,
+    ``prefill_tokens_pending``) may be read from any thread.
+    """
+
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, kv: KVCacheManager, *, runner_lock: threading.Lock,
+                 name: str = "model", max_batch_size: int = 8, max_queue: int = 1024, prefill_chunk: int = 256):
+        self.runner, self.tokenizer, self.kv, self.runner_lock = runner, tokenizer, kv, runner_lock
+        self.name = name
+        self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self._waiting: deque[Request] = deque()
-        self._groups: list[_Group] = []
+        self._running: list[Request] = []  # in admission order
         self._wake = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.steps = 0  # decode steps run, for tests and metrics
-        self.batch_sizes: deque[int] = deque(maxlen=1024)  # rows per decode step, most recent last
+        self.prefilling = 0
+        self.prefill_tokens_pending = 0
+        self.steps = 0  # engine steps run, for tests and metrics
+        #: (decode rows, prompt tokens) of the most recent steps, last one last.
+        self.recent_steps: deque[tuple[int, int]] = deque(maxlen=1024)
 
-    # -- callers ------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, *, timeout: float | None = None) -> Request:
-        from llmk.generation import _Sequence
-
-        seq = _Sequence(prompt_ids, params, self.engine.tokenizer, self.engine.runner.max_context)
-        request = Request(seq, None if timeout is None else time.perf_counter() + timeout)
+    # -- callers ------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, timeout: float | None = None,
+               processors: Sequence[LogitsProcessor] = (),
+               loop: asyncio.AbstractEventLoop | None = None) -> Request:
+        """Queue one generation. With ``loop`` (the running event loop) the request
+        is read with ``async for``, else with ``for``. Raises ``QueueFullError``
+        when the batch and the queue are full, and ``OptionsError`` when the prompt
+        and ``max_tokens`` could never fit in the KV cache."""
+        sequence = GenSequence(prompt_ids, params, self.tokenizer, self.runner.max_context, processors)
+        if not self.kv.fits_ever(sequence.max_length):
+            capacity = self.kv.capacity * self.kv.block_size
+            raise OptionsError("generation", f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                               f"({sequence.budget}) needs {sequence.max_length} tokens of KV cache; model "
+                               f"{self.name!r} has room for {capacity} (raise its kv_cache, or lower max_tokens)")
+        request = Request(sequence, None if timeout is None else time.perf_counter() + timeout, loop)
         with self._wake:
             if self._closed:
-                raise LlmkError(f"model {self.name!r} is shutting down")
-            free_slots = max(0, self.max_batch_size - self.in_flight)
+                raise EngineClosedError(f"model {self.name!r} is shutting down")
+            free_slots = max(0, self.max_batch_size - len(self._running))
             if len(self._waiting) >= self.max_queue + free_slots:  # the batch is full and so is the queue
                 raise QueueFullError(self.name, len(self._waiting))
             self._waiting.append(request)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"llmk-scheduler-{self.name}", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=f"llmk-engine-{self.name}", daemon=True)
                 self._thread.start()
             self._wake.notify()
         return request
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting to be admitted."""
         return len(self._waiting)
 
     @property
-    def in_flight(self) -> int:
-        return sum(len(g.requests) for g in self._groups)
+    def running(self) -> int:
+        """Requests admitted: prefilling or decoding."""
+        return len(self._running)
 
     def close(self) -> None:
         """Stop the thread; requests still queued or running fail."""
@@ -153,100 +240,154 @@ class Scheduler:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(30)
 
-    # -- the thread -----------------------------------------------------------------
+    # -- the thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
+        failure: BaseException = EngineClosedError(f"model {self.name!r} was unloaded")
+        try:
+            while True:
+                with self._wake:
+                    while not self._closed and not self._waiting and not self._running:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    self._admit()
+                self._step()
+        except BaseException as error:  # a bug: nobody may be left waiting for this thread
+            log.error("engine.crashed", model=self.name, error=repr(error))
+            failure = error
             with self._wake:
-                while not self._closed and not self._waiting and not self._groups:
-                    self._wake.wait()
-                if self._closed:
-                    break
-                room = self.max_batch_size - self.in_flight
-                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                self._closed = True
+        with self._wake:
+            orphans = [*self._waiting, *self._running]
+            self._waiting.clear()
+        for request in orphans:
+            request._fail(failure)
+        self._running = []
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while there is a slot and KV room."""
+        while self._waiting and len(self._running) < self.max_batch_size:
+            request = self._waiting[0]
+            if self._expired(request):
+                self._waiting.popleft()
+                continue
+            sequence = request.sequence
+            allocation = self.kv.admit(sequence.prompt_ids, sequence.max_length)
+            if allocation is None:
+                return  # first come, first served: it waits for room, and so does everyone behind it
+            self._waiting.popleft()
+            sequence.kv, sequence.computed = allocation, allocation.reused_tokens
+            request.admitted = time.perf_counter()
+            self._running.append(request)
+
+    def _step(self) -> None:
+        for request in [r for r in self._running if self._expired(r)]:
+            self._finish(request)
+        steps, owners = self._plan()
+        if steps:
             try:
-                if admitted:
-                    self._admit(admitted)
-                for group in list(self._groups):
-                    self._step(group)
-            except Exception as error:  # a bug here must not leave requests hanging forever
-                log.error("scheduler.failed", model=self.name, error=repr(error))
-                for group in self._groups:
-                    for request in group.requests:
-                        request._fail(error)
-                self._groups = []
-        error = LlmkError(f"model {self.name!r} was unloaded")
-        for request in [*self._waiting, *(r for g in self._groups for r in g.requests)]:
+                with self.runner_lock:
+                    logits = self.runner.forward(steps)
+            except Exception as error:
+                log.error("engine.step_failed", model=self.name, error=repr(error), sequences=len(steps))
+                self._isolate(steps, owners, error)
+            else:
+                self.steps += 1
+                self._advance(steps, owners, logits)
+        self.prefilling = sum(1 for r in self._running if r.sequence.prefilling)
+        self.prefill_tokens_pending = sum(r.sequence.pending_prompt for r in self._running)
+
+    def _isolate(self, steps: list[SequenceStep], owners: list[Request], error: Exception) -> None:
+        """A step failed: run its sequences one by one, so that the error fails the
+        requests it concerns and no others (a step only rewrites its own positions,
+        so running it again is safe)."""
+        if len(steps) == 1:
+            self._finish(owners[0], error)
+            return
+        for step, request in zip(steps, owners):
+            try:
+                with self.runner_lock:
+                    logits = self.runner.forward([step])
+            except Exception as own_error:
+                self._finish(request, own_error)
+            else:
+                self._advance([step], [request], logits)
+
+    def _plan(self) -> tuple[list[SequenceStep], list[Request]]:
+        """This step's work: a token for each decoding sequence, then prompt chunks
+        within the budget, oldest first."""
+        steps: list[SequenceStep] = []
+        owners: list[Request] = []
+        budget = self.prefill_chunk
+        for request in self._running:
+            sequence = request.sequence
+            if sequence.prefilling:
+                continue
+            length = len(sequence.token_ids)
+            self.kv.ensure(sequence.kv, length)
+            steps.append(SequenceStep(sequence.kv.slot, sequence.token_ids[-1:], length - 1, sequence.kv.blocks))
+            owners.append(request)
+        decoding = len(steps)
+        for request in self._running:
+            sequence = request.sequence
+            if not sequence.prefilling or budget <= 0:
+                continue
+            end = sequence.computed + min(sequence.pending_prompt, budget)
+            budget -= end - sequence.computed
+            self.kv.ensure(sequence.kv, end)
+            last = end == len(sequence.prompt_ids)
+            steps.append(SequenceStep(sequence.kv.slot, sequence.prompt_ids[sequence.computed:end],
+                                      sequence.computed, sequence.kv.blocks, logits=1 if last else 0))
+            owners.append(request)
+        self.recent_steps.append((decoding, self.prefill_chunk - budget))
+        return steps, owners
+
+    def _advance(self, steps: list[SequenceStep], owners: list[Request], logits: np.ndarray) -> None:
+        """Take in a step's results: sample where there are logits, stream, finish."""
+        row = 0
+        for step, request in zip(steps, owners):
+            sequence = request.sequence
+            sequence.computed = step.start + len(step.tokens)
+            if not step.logits:
+                self.kv.commit(sequence.kv, sequence.token_ids, sequence.computed)
+                continue
+            scores = logits[row + step.logits - 1]
+            row += step.logits
+            try:
+                for processor in sequence.processors:
+                    scores = processor(sequence.output_ids, scores)
+                token = sample(scores, sequence.params, sequence.rng)
+            except Exception as error:  # a processor's failure is its request's alone
+                self._finish(request, error)
+                continue
+            chunk = sequence.push(token)
+            self.kv.commit(sequence.kv, sequence.token_ids, sequence.computed)
+            request._emit(chunk)
+            if sequence.finish is not None:
+                self._finish(request)
+            elif request.cancelled.is_set():  # its reader went away
+                self._expired(request)
+                self._finish(request)
+
+    def _finish(self, request: Request, error: BaseException | None = None) -> None:
+        """Take a request out of the batch and give its cache back."""
+        if error is not None:
             request._fail(error)
-
-    def _admit(self, requests: list[Request]) -> None:
-        from llmk.generation import sample
-
-        live = [r for r in requests if not self._expired(r)]
-        if not live:
-            return
-        now = time.perf_counter()
-        for request in live:
-            request.admitted = now
-        try:
-            with self.engine.lock:
-                state, logits = self.engine.runner.prefill([r.seq.prompt_ids for r in live])
-        except Exception as error:
-            for request in live:
-                request._fail(error)
-            return
-        for row, request in enumerate(live):
-            request._emit(request.seq.push(sample(logits[row], request.seq.params, request.seq.rng)))
-        group = _Group(state, live)
-        self._drop_finished(group)
-        if not group.requests:
-            return
-        if self._groups:
-            try:
-                with self.engine.lock:
-                    merged = self.engine.runner.merge([self._groups[0].state, group.state])
-                self._groups[0] = _Group(merged, self._groups[0].requests + group.requests)
-                return
-            except UnsupportedError:
-                pass
-        self._groups.append(group)
-
-    def _step(self, group: _Group) -> None:
-        from llmk.generation import sample
-
-        self._drop_finished(group)
-        if not group.requests:
-            self._groups.remove(group)
-            return
-        tokens = [r.seq.ids[-1] for r in group.requests]
-        try:
-            with self.engine.lock:
-                logits = self.engine.runner.decode(group.state, tokens)
-        except Exception as error:
-            for request in group.requests:
-                request._fail(error)
-            self._groups.remove(group)
-            return
-        self.steps += 1
-        self.batch_sizes.append(len(tokens))
-        for row, request in enumerate(group.requests):
-            request._emit(request.seq.push(sample(logits[row], request.seq.params, request.seq.rng)))
-
-    def _drop_finished(self, group: _Group) -> None:
-        keep = [row for row, r in enumerate(group.requests) if r.seq.finish is None and not self._expired(r)]
-        if len(keep) == len(group.requests):
-            return
-        group.requests = [group.requests[row] for row in keep]
-        if keep:
-            group.state.select(keep)
+        if request in self._running:
+            self._running.remove(request)
+        sequence = request.sequence
+        if sequence.kv is not None:
+            self.kv.free(sequence.kv)
+            sequence.kv = None
 
     def _expired(self, request: Request) -> bool:
         """Cancelled or past its deadline: tell its reader, and let it go."""
+        if request.sequence.finish is not None:
+            return False
         if request.deadline is not None and time.perf_counter() > request.deadline:
             request.cancel("timeout")
-        if not request.cancelled.is_set() or request.seq.finish is not None:
+        if not request.cancelled.is_set():
             return False
-        from llmk.generation import StreamChunk
-
-        request.seq.finish = "timeout" if request.cancel_reason == "timeout" else "cancelled"
-        request._emit(StreamChunk("", [], request.seq.finish))
+        reason = "timeout" if request.cancel_reason == "timeout" else "cancelled"
+        request._emit(request.sequence.stop(reason))
         return True

@@ -79,9 +79,26 @@ class ModelSpec(BaseModel):
     passes: tuple[PassSpec, ...] = ()
     options: dict[str, Any] = Field(default_factory=dict, description="backend options")
     max_batch_size: int = Field(8, ge=1, le=256, description="sequences decoded together (continuous batching)")
+    prefill_chunk: int = Field(256, ge=1, le=65536,
+                               description="prompt tokens computed per engine step (chunked prefill)")
+    kv_cache: int | str | None = Field(
+        None, description="KV cache capacity: token positions (an int) or a size ('512MiB'); "
+                          "default 1024 positions per sequence in flight, at least one full context up to 8192")
+    prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes computed before")
     max_ppl_increase: float | None = Field(
         None, ge=0.0, description="quality gate for the passes: allowed relative perplexity increase (0.01 = +1%)"
     )
+
+    @field_validator("kv_cache")
+    @classmethod
+    def _kv_cache(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, str):
+            from llmk.memory import parse_size
+
+            parse_size(value, "kv_cache")  # raises with the reason
+        elif value is not None and value < 1:
+            raise ValueError("kv_cache must hold at least one token position")
+        return value
 
     @field_validator("passes", mode="before")
     @classmethod

@@ -35,7 +35,7 @@ import pytest
 from pydantic import Field
 
 from llmk.artifact import Artifact
-from llmk.backend import Backend, BackendOptions, DecodeState, Runner
+from llmk.backend import Backend, BackendOptions, KVLayout, Runner, SequenceStep
 from llmk.cache import Cache, key_digest
 from llmk.errors import SourceError
 from llmk.hookspecs import hookimpl
@@ -55,7 +55,6 @@ __all__ = [
     "FakeOptions",
     "FakePlugin",
     "FakeRunner",
-    "FakeState",
     "build_tiny_bert",
     "build_tiny_llama",
     "build_tiny_tokenizer",
@@ -281,12 +280,14 @@ def _read_vocab(directory: Path) -> _Vocab:
 class FakeOptions(BackendOptions):
     """Knobs of ``FakeBackend``, given as ``kernel.load(..., options={...})``."""
 
-    #: Seconds slept in every prefill, decode, logits and encode call.
+    #: Seconds slept in every forward, logits and encode call.
     delay: float = Field(0.0, ge=0.0)
     #: ``Backend.load`` raises.
     fail_load: bool = False
     #: The runner's first call (the kernel's warm-up request) raises.
     fail_warmup: bool = False
+    #: ``forward`` raises when a step feeds this token id (-1: never).
+    fail_on_token: int = -1
     #: Every sequence emits ``</s>`` as its Nth generated token; 0 never does.
     eos_at: int = Field(0, ge=0)
     #: Shifts the next-token function, so that two versions generate differently.
@@ -295,34 +296,36 @@ class FakeOptions(BackendOptions):
     max_context: int = Field(2048, ge=2)
     #: Bytes the backend estimates before loading and the runner reports holding.
     memory: int = Field(1000, ge=0)
+    #: KV cache bytes per token position (what the engine counts for its cache).
+    kv_bytes_per_token: int = Field(0, ge=0)
     #: Every logit is NaN: the model loads but fails the kernel's health check.
     nan: bool = False
-    #: The runner implements ``merge`` (continuous batching); without it each
-    #: admitted group decodes on its own.
-    merge: bool = True
+    #: The next token depends on this many of the last tokens (read back from the KV
+    #: cache): large makes every position matter; small keeps scoring in windows exact.
+    memory_span: int = Field(8, ge=1)
+    #: The KV cache's block size (small, so that short prompts span several blocks).
+    block_size: int = Field(4, ge=1)
+    #: A contiguous KV layout (one slot per sequence, prefixes copied between slots)
+    #: instead of a paged one.
+    contiguous: bool = False
 
 
-class FakeState(DecodeState):
-    """Per row: the last token and how many tokens were generated so far."""
-
-    def __init__(self, last: list[int], generated: list[int]):
-        self.last = last
-        self.generated = generated
-
-    def select(self, rows: list[int]) -> None:
-        if len(set(rows)) != len(rows) or any(not 0 <= r < len(self.last) for r in rows):
-            raise IndexError(f"select({rows}) on a batch of {len(self.last)}")
-        self.last = [self.last[r] for r in rows]
-        self.generated = [self.generated[r] for r in rows]
+UNWRITTEN = -1  # what the fake cache holds where nothing was written (or a block was released)
 
 
 class FakeRunner(Runner):
-    """Deterministic logits from the token ids alone, computed with NumPy.
+    """Deterministic logits computed with NumPy from what its KV cache holds.
 
-    The next token after ``t`` is ``next_token(t)``, always an ordinary text
-    token: its logit is 10 while the others get small varied values (so that
-    scoring is not uniform); with ``eos_at=N`` the Nth generated token is ``</s>``.
-    ``encode`` returns hidden states that depend only on each token id.
+    The cache stores token ids: ``forward`` writes each step's tokens at their
+    positions through the block table, then reads every position it attends to
+    back from the cache. The next token depends on the last ``memory_span``
+    tokens read, so a wrong block, position or stale prefix within that span
+    changes the output, and reading a position nothing wrote raises.
+    ``expected(prompt, n)`` is the greedy continuation computed without any
+    cache: what the engine must produce. The winning logit is 10; the others get
+    small varied values, so that scoring is not uniform; with ``eos_at=N`` the
+    Nth generated token is ``</s>``. ``encode`` returns hidden states that depend
+    only on each token id.
     """
 
     HIDDEN = 16
@@ -332,28 +335,52 @@ class FakeRunner(Runner):
         self.device = "cpu"
         self.options = options
         self.max_context = options.max_context
+        self.kv_layout = KVLayout(bytes_per_token=options.kv_bytes_per_token, block_size=options.block_size,
+                                  contiguous=options.contiguous)
         self.vocab_size = vocab.size
         self.text_ids = vocab.text_ids
         self.eos_id = vocab.ids[EOS_TOKEN]
+        self.cache: np.ndarray | None = None  # [num_blocks, block_size] token ids
         self.calls = 0
-        #: The batch size of every ``prefill``, in call order.
-        self.batch_sizes: list[int] = []
+        #: Every forward's steps as (slot, start, token count, logits), in call order.
+        self.steps: list[list[tuple[int, int, int, int]]] = []
+        self.copies: list[tuple[int, int]] = []
         self.closed = False
+        # For eos_at: the position whose logits give each sequence's first generated token. A
+        # sequence is told apart by its block table, the same list object for its whole life.
+        self._tables: dict[int, list[int]] = {}
+        self._prompt_end: dict[int, int] = {}
 
     # -- the model -----------------------------------------------------------
-    def next_token(self, last: int) -> int:
-        return self.text_ids[(last * 7 + 3 + self.options.salt) % len(self.text_ids)]
+    def next_token(self, context: Sequence[int]) -> int:
+        recent = context[-self.options.memory_span:]
+        checksum = (len(recent) * 5 + sum(recent) * 13) % 101
+        return self.text_ids[(context[-1] * 7 + 3 + self.options.salt + checksum) % len(self.text_ids)]
 
-    def row(self, last: int, generated: int | None = None) -> np.ndarray:
-        """The logits that follow token ``last`` (``generated`` tokens in, if decoding)."""
+    def row(self, context: Sequence[int], generated: int | None = None) -> np.ndarray:
+        """The logits after ``context`` (whose next token would be the ``generated``-th generated one)."""
         import numpy as np
 
+        last = context[-1]
         row = ((last * 31 + np.arange(self.vocab_size) * 17) % 11).astype(np.float32) / 4.0
         eos = self.options.eos_at and generated == self.options.eos_at
-        row[self.eos_id if eos else self.next_token(last)] = 10.0
+        row[self.eos_id if eos else self.next_token(context)] = 10.0
         return row * np.float32("nan") if self.options.nan else row
 
-    def _step(self) -> None:
+    def expected(self, prompt: Sequence[int], max_tokens: int) -> list[int]:
+        """The greedy completion of ``prompt`` (at most ``max_tokens``, ending at ``</s>``)."""
+        import numpy as np
+
+        context, out = list(prompt), []
+        while len(out) < max_tokens and len(context) < self.max_context:
+            token = int(np.argmax(self.row(context, len(out) + 1)))
+            out.append(token)
+            context.append(token)
+            if token == self.eos_id:
+                break
+        return out
+
+    def _call(self) -> None:
         if self.closed:
             raise RuntimeError("FakeRunner used after close()")
         self.calls += 1
@@ -363,49 +390,69 @@ class FakeRunner(Runner):
             time.sleep(self.options.delay)
 
     # -- Runner ------------------------------------------------------------------
-    def prefill(self, prompts: list[list[int]]) -> tuple[FakeState, np.ndarray]:
+    def allocate_cache(self, num_blocks: int, num_slots: int) -> None:
         import numpy as np
 
-        self._step()
-        if not prompts or any(not p for p in prompts):
-            raise ValueError("prefill needs non-empty prompts")
-        self.batch_sizes.append(len(prompts))
-        state = FakeState([p[-1] for p in prompts], [1] * len(prompts))
-        return state, np.stack([self.row(p[-1], 1) for p in prompts])
+        self.cache = np.full((num_blocks, self.options.block_size), UNWRITTEN, dtype=np.int64)
+        self.num_slots = num_slots
 
-    def decode(self, state: DecodeState, tokens: list[int]) -> np.ndarray:
+    def forward(self, steps: list[SequenceStep]) -> np.ndarray:
         import numpy as np
 
-        assert isinstance(state, FakeState)
-        self._step()
-        if len(tokens) != len(state.last):
-            raise ValueError(f"decode got {len(tokens)} tokens for a batch of {len(state.last)}")
-        state.last = list(tokens)
-        state.generated = [g + 1 for g in state.generated]
-        return np.stack([self.row(t, g) for t, g in zip(state.last, state.generated)])
+        self._call()
+        if self.cache is None:
+            raise RuntimeError("forward before allocate_cache")
+        if len({s.slot for s in steps}) != len(steps):
+            raise ValueError(f"two steps share a slot: {[s.slot for s in steps]}")
+        if any(self.options.fail_on_token in s.tokens for s in steps):
+            raise ValueError(f"fake failure: a step fed token {self.options.fail_on_token} (fail_on_token)")
+        self.steps.append([(s.slot, s.start, len(s.tokens), s.logits) for s in steps])
+        size = self.options.block_size
+        rows = []
+        for step in steps:
+            if not step.tokens or step.logits > len(step.tokens) or not 0 <= step.slot < self.num_slots:
+                raise ValueError(f"bad step {step}")
+            end = step.start + len(step.tokens)
+            if len(step.blocks) * size < end:
+                raise ValueError(f"the block table {step.blocks} does not cover {end} positions")
+            if self._tables.get(step.slot) is not step.blocks:  # a new sequence in this slot
+                self._tables[step.slot] = step.blocks
+                self._prompt_end.pop(step.slot, None)
+            for offset, token in enumerate(step.tokens):
+                position = step.start + offset
+                self.cache[step.blocks[position // size], position % size] = token
+            context = [int(self.cache[step.blocks[p // size], p % size]) for p in range(end)]
+            if UNWRITTEN in context:
+                raise ValueError(f"slot {step.slot} read position {context.index(UNWRITTEN)}, which holds nothing")
+            if step.logits and step.slot not in self._prompt_end:
+                self._prompt_end[step.slot] = end - 1
+            for position in range(end - step.logits, end):
+                rows.append(self.row(context[:position + 1], position - self._prompt_end[step.slot] + 1))
+        vocab = self.vocab_size
+        return np.stack(rows) if rows else np.zeros((0, vocab), dtype=np.float32)
 
-    def merge(self, states: list[DecodeState]) -> FakeState:
-        if not self.options.merge:
-            return super().merge(states)
-        merged = FakeState([], [])
-        for state in states:
-            assert isinstance(state, FakeState)
-            merged.last += state.last
-            merged.generated += state.generated
-        return merged
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        assert self.cache is not None
+        for source, target in pairs:
+            self.cache[target] = self.cache[source]
+        self.copies.extend(pairs)
+
+    def release_blocks(self, blocks: list[int]) -> None:
+        assert self.cache is not None
+        self.cache[blocks] = UNWRITTEN
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         import numpy as np
 
-        self._step()
+        self._call()
         if len(token_ids) > self.max_context:
             raise ValueError(f"{len(token_ids)} tokens exceed the context of {self.max_context}")
-        return np.stack([self.row(t) for t in token_ids])
+        return np.stack([self.row(token_ids[:p + 1]) for p in range(len(token_ids))])
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         import numpy as np
 
-        self._step()
+        self._call()
         ids = np.asarray(input_ids, dtype=np.float32)[:, :, None]
         hidden = np.sin((ids + 1.0) * (np.arange(self.HIDDEN, dtype=np.float32) + 1.0) * 0.37)
         # Padding gets loud garbage: pooling that ignores the mask shows up at once.

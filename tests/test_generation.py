@@ -251,11 +251,9 @@ def test_eos_finishes_with_stop_and_is_not_in_the_text(kernel):
     result = handle.generate("Hello", max_tokens=10, temperature=0)
     assert result.finish_reason == "stop"
     assert len(result.token_ids) == 3 and result.token_ids[-1] == runner.eos_id
-    ids = handle.version.engine.prompt_ids("Hello")
-    expected = [runner.next_token(ids[-1])]
-    expected.append(runner.next_token(expected[-1]))
-    assert result.token_ids[:2] == expected
-    assert result.text == handle.version.engine.tokenizer.decode(expected)
+    expected = runner.expected(handle.version.engine.prompt_ids("Hello"), 10)
+    assert result.token_ids == expected
+    assert result.text == handle.version.engine.tokenizer.decode(expected[:2])
 
 
 def test_rows_finishing_on_eos_leave_the_batch_cleanly(kernel):
@@ -280,15 +278,15 @@ def test_the_context_window_bounds_the_completion(kernel):
 
 
 def test_perplexity_over_windows_counts_every_token_once(kernel):
-    # The fake's logits depend on the previous token only, so scoring in windows
-    # must give exactly the full-sequence value.
+    # The fake's logits depend on its last 8 tokens only (memory_span), fewer than the
+    # overlap of two windows, so scoring in windows must give exactly the full-sequence value.
     handle = load_fake(kernel, options={"max_context": 16})
     engine = handle.version.engine
     text = " ".join(llmk.testing.tiny_corpus()[:6])
     ids = engine.tokenizer.encode(text)
     assert len(ids) > 4 * 16
     runner = engine.runner
-    rows = np.stack([runner.row(t) for t in ids[:-1]]).astype(np.float64)
+    rows = np.stack([runner.row(ids[:t + 1]) for t in range(len(ids) - 1)]).astype(np.float64)
     nll = np.log(np.exp(rows).sum(axis=1)) - rows[np.arange(len(ids) - 1), ids[1:]]
     assert handle.perplexity(text) == pytest.approx(math.exp(nll.mean()), rel=1e-9)
 
@@ -427,7 +425,7 @@ def test_an_empty_stop_sequence_is_refused(llama, stop):
 
 
 def test_unknown_params_are_refused(llama):
-    with pytest.raises(TypeError):
+    with pytest.raises(OptionsError, match="max_new_tokens"):
         llama.generate("Hi", max_new_tokens=3)
     with pytest.raises(OptionsError, match="max_new_tokens"):
         llama.chat([{"role": "user", "content": "Hi"}], max_new_tokens=3)
@@ -439,7 +437,7 @@ def test_unknown_params_are_refused(llama):
 
 
 def test_a_prompt_longer_than_the_context_is_refused(llama):
-    with pytest.raises(OptionsError, match="context is 256"):
+    with pytest.raises(OptionsError, match="the model's context holds at most 255"):
         llama.generate("The cat walks to the river. " * 60, max_tokens=2)
 
 

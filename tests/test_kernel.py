@@ -25,10 +25,7 @@ from llmk.testing import FakeBackend, FakePlugin, load_fake
 
 def chain(runner, prompt_ids, n):
     """The tokens ``runner`` generates greedily after ``prompt_ids``."""
-    out = [runner.next_token(prompt_ids[-1])]
-    while len(out) < n:
-        out.append(runner.next_token(out[-1]))
-    return out
+    return runner.expected(prompt_ids, n)
 
 
 # -- load, get, status, unload ------------------------------------------------------------
@@ -164,8 +161,9 @@ def test_a_stream_started_before_a_swap_finishes_on_the_old_version(kernel):
 
 def test_concurrent_requests_share_a_version(kernel):
     handle = load_fake(kernel, "m", options={"delay": 0.002})
-    runner = handle.version.engine.runner
-    warm_up = len(runner.batch_sizes)
+    engine = handle.version.engine
+    runner = engine.runner
+    warm_up, reused = len(runner.steps), engine.cache_stats()["prefix_cache_reused_tokens"]
     prompts = ["Hello", "The cat walks to", "Once upon a time", "Hi"]
     threads = [in_thread(handle.generate, p, max_tokens=12, temperature=0) for p in prompts]
     for prompt, (thread, box) in zip(prompts, threads):
@@ -173,9 +171,11 @@ def test_concurrent_requests_share_a_version(kernel):
         assert "error" not in box
         assert box["result"].token_ids == chain(runner, handle.version.engine.prompt_ids(prompt), 12)
     assert handle.status()["active_requests"] == 0
-    # Each prompt was prefilled once; requests that arrived together were prefilled together
-    # (the scheduler batches them; tests/test_scheduler.py covers the policy).
-    assert sum(runner.batch_sizes[warm_up:]) == len(prompts)
+    # Each position was computed once: the prompts (less what the prefix cache held) and 11
+    # decode steps each (the scheduler batches them; tests/test_scheduler.py covers the policy).
+    computed = sum(count for step in runner.steps[warm_up:] for _, _, count, _ in step)
+    reused = engine.cache_stats()["prefix_cache_reused_tokens"] - reused
+    assert computed == sum(len(engine.prompt_ids(p)) for p in prompts) - reused + 11 * len(prompts)
 
 
 def test_a_request_that_looked_up_the_model_just_before_a_swap_is_not_lost(kernel, monkeypatch):

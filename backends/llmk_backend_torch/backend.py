@@ -14,7 +14,7 @@ from llmk.errors import SourceError
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 #: Bump when the graphs ``export.py`` traces change: it is part of every export's cache key.
-EXPORT_VERSION = "1"
+EXPORT_VERSION = "2"
 
 
 def export_versions() -> dict[str, str]:
@@ -28,7 +28,8 @@ _INT_SIZES = {"I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 
 class TorchOptions(BackendOptions):
-    #: Attention kernel; "eager" is the reference, "sdpa" PyTorch's fused one.
+    #: Attention kernel of encoders; "eager" is the reference, "sdpa" PyTorch's fused one.
+    #: Decoders always run llmk's paged attention (SDPA over the KV cache's blocks).
     attention: Literal["sdpa", "eager"] = "sdpa"
     #: Intra-op CPU threads; 0 keeps PyTorch's default (one per core).
     threads: int = 0
@@ -75,20 +76,22 @@ class TorchBackend(Backend):
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
 
-        from llmk_backend_torch.runner import TorchRunner
+        from llmk_backend_torch.checkpoint import is_custom, load_custom
+        from llmk_backend_torch.runner import ATTENTION, TorchRunner, register_attention
 
         if options.threads:
             torch.set_num_threads(options.threads)
-        from llmk_backend_torch.checkpoint import is_custom, load_custom
-
-        auto = AutoModelForCausalLM if artifact.task == "generate" else AutoModel
+        generate = artifact.task == "generate"
+        auto = AutoModelForCausalLM if generate else AutoModel
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+        if generate:
+            register_attention()
+        attention = ATTENTION if generate else options.attention
         try:
             if is_custom(artifact.path):
-                model = load_custom(artifact.path, auto, torch_dtype, options.attention)
+                model = load_custom(artifact.path, auto, torch_dtype, attention)
             else:
-                model = auto.from_pretrained(str(artifact.path), dtype=torch_dtype,
-                                             attn_implementation=options.attention)
+                model = auto.from_pretrained(str(artifact.path), dtype=torch_dtype, attn_implementation=attention)
         except (OSError, ValueError, RuntimeError) as error:
             raise SourceError(artifact.source, f"cannot load weights from {artifact.path}: {error}") from error
         model.to(device).eval()

@@ -1,7 +1,10 @@
 """The OpenAI-compatible API: ``/v1/chat/completions`` (``stream: true`` as
 server-sent events), ``/v1/completions``, ``/v1/embeddings``, ``/v1/models``.
 
-Generations go through each model's scheduler (continuous batching). Every
+Generations go through each model's scheduler (continuous batching) from the
+event loop itself: a request is tokenized, checked and queued in the handler and
+its chunks are awaited as the engine thread hands them over, so no thread (and
+no queue but the scheduler's, bounded by ``max_queue``) stands in between. Every
 generation carries the server's ``request_timeout`` as its deadline, so a
 request that runs too long stops generating (504, or an error event in a
 stream); a client that disconnects cancels its generation.
@@ -109,24 +112,27 @@ def router(daemon: Daemon) -> APIRouter:
             SamplingParams.build(**params)  # refused here, before a stream's headers are sent
         except OptionsError as error:
             raise ApiError(400, str(error)) from None
-        return {**params, "timeout": daemon.config.server.request_timeout}
+        return {**params, "timeout": daemon.config.server.request_timeout,
+                "max_prompt_tokens": daemon.config.server.max_prompt_tokens}
 
     async def call(function: Any, *args: Any, **kwargs: Any) -> Any:
-        # Generations stop at their own deadline; this bounds everything else (embeddings, waiting for a load).
+        """Run a blocking call (embeddings) in a thread, bounded by ``request_timeout``."""
+        return await bounded(asyncio.to_thread(function, *args, **kwargs))
+
+    async def bounded(work: Any) -> Any:
+        # Generations stop at their own deadline; this bounds everything else (waiting for a load).
         limit = daemon.config.server.request_timeout
         try:
-            return await asyncio.wait_for(asyncio.to_thread(function, *args, **kwargs), limit + 1.0)
+            return await asyncio.wait_for(work, limit + 1.0)
         except TimeoutError:
             raise _timed_out(limit) from None
         except Exception as error:
             raise api_error(error) from None
 
-    async def check_prompt(model: Any, text: str) -> None:
-        tokens = await call(model.count_tokens, text)
-        limit = daemon.config.server.max_prompt_tokens
-        if tokens > limit:
-            raise ApiError(400, f"the prompt has {tokens} tokens; this server accepts at most {limit}",
-                           param="messages", code="context_length_exceeded")
+    async def queued(stream: Any) -> Any:
+        """A stream validated and queued, so that bad input is a 4xx before any header is sent."""
+        await bounded(stream.start())
+        return stream
 
     def finished(request: Request, result: Any) -> None:
         note(request, tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens,
@@ -157,11 +163,11 @@ def router(daemon: Daemon) -> APIRouter:
         model = handle(request, body.model)
         params = sampling(body)
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        await check_prompt(model, " ".join(m["content"] for m in messages))
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            return stream(request, model.achat_stream(messages, **params), ident, created, body.model, chat=True)
-        result = await call(model.chat, messages, **params)
+            chunks = await queued(model.achat_stream(messages, **params))
+            return stream(request, chunks, ident, created, body.model, chat=True)
+        result = await bounded(model.achat(messages, **params))
         finished(request, result)
         return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -172,11 +178,11 @@ def router(daemon: Daemon) -> APIRouter:
     async def completions(request: Request, body: CompletionBody) -> Any:
         model = handle(request, body.model)
         params = sampling(body)
-        await check_prompt(model, body.prompt)
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            return stream(request, model.astream(body.prompt, **params), ident, created, body.model, chat=False)
-        result = await call(model.generate, body.prompt, **params)
+            chunks = await queued(model.astream(body.prompt, **params))
+            return stream(request, chunks, ident, created, body.model, chat=False)
+        result = await bounded(model.agenerate(body.prompt, **params))
         finished(request, result)
         return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "text": result.text, "finish_reason": _finish(result.finish_reason),
@@ -189,8 +195,7 @@ def router(daemon: Daemon) -> APIRouter:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if any(not t for t in texts):
             raise ApiError(400, "input: every text must be non-empty", param="input")
-        vectors = await call(model.embed, texts)
-        tokens = await call(lambda: sum(model.count_tokens(t) for t in texts))
+        vectors, tokens = await call(lambda: (model.embed(texts), sum(model.count_tokens(t) for t in texts)))
         note(request, tokens_in=tokens)
         if body.encoding_format == "base64":
             import base64

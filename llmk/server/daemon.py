@@ -207,8 +207,14 @@ def serve(config_path: str | Path | None = None, overrides: dict[str, dict[str, 
             if not daemon.draining:
                 daemon.draining = True  # /ready answers 503 from now on
                 grace = daemon.config.server.shutdown_timeout
-                log.info("serve.draining", signal=signal.Signals(sig).name, timeout=grace)
-                _say(f"draining: waiting up to {grace:g}s for running requests")
+
+                def announce() -> None:
+                    log.info("serve.draining", signal=signal.Signals(sig).name, timeout=grace)
+                    _say(f"draining: waiting up to {grace:g}s for running requests")
+
+                # Not from the handler itself: it may have interrupted this thread in the middle of
+                # writing a log line, and the logger's lock is not reentrant.
+                threading.Thread(target=announce, name="llmk-serve-drain-notice").start()
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(daemon.app, log_level="warning", lifespan="off",

@@ -23,6 +23,7 @@ from llmk.errors import (
     UnknownNameError,
     UnsupportedError,
 )
+from llmk.generation import PromptTooLongError
 from llmk.logs import get_logger
 from llmk.scheduler import QueueFullError
 
@@ -56,6 +57,8 @@ def api_error(error: Exception) -> ApiError:
         return ApiError(409, str(error), "invalid_request_error", code="memory_budget")
     if isinstance(error, ModelLoadError):
         return ApiError(503, str(error), "server_error", code="model_unavailable", headers={"Retry-After": "30"})
+    if isinstance(error, PromptTooLongError):
+        return ApiError(400, str(error), code="context_length_exceeded")
     if isinstance(error, QualityGateError):  # the passes' output was refused; what served before still serves
         return ApiError(422, str(error), code="quality_gate")
     if isinstance(error, (OptionsError, UnsupportedError, UnknownNameError, SourceError, PluginError,
