@@ -1,6 +1,6 @@
 """llmk's own cost per token, in one process: the same loaded runner driven by
 llmk (``ModelHandle.generate``: scheduler thread, sampling, detokenizing,
-stop checks, metrics) and by a bare greedy loop over ``Runner.prefill/decode``.
+stop checks, metrics) and by a bare greedy loop over ``Runner.forward``.
 On torch, Hugging Face ``generate`` on the same checkpoint runs beside them.
 
     python bench/overhead.py [--backend B]... [--pass P]... [--runs 5] [--tokens 64]
@@ -51,12 +51,21 @@ def row(kernel, backend: str, args: argparse.Namespace) -> str:  # noqa: ANN001 
         return (result.completion_tokens - 1) / (result.seconds - result.first_token_seconds)
 
     def bare() -> float:
-        with model.version.engine.lock:
-            state, logits = runner.prefill([ids])
+        from llmk.backend import SequenceStep
+
+        engine = model.version.engine
+        kv = engine.kv
+        with engine.lock:  # the engine is idle: its cache is ours for the loop
+            allocation = kv.admit(ids, len(ids) + args.tokens)
+            kv.ensure(allocation, len(ids) + args.tokens)
+            logits = runner.forward([SequenceStep(allocation.slot, ids, 0, allocation.blocks)])
             started = time.perf_counter()
-            for _ in range(args.tokens - 1):
-                logits = runner.decode(state, [int(logits[0].argmax())])
-            return (args.tokens - 1) / (time.perf_counter() - started)
+            for position in range(len(ids), len(ids) + args.tokens - 1):
+                token = int(logits[0].argmax())
+                logits = runner.forward([SequenceStep(allocation.slot, [token], position, allocation.blocks)])
+            seconds = time.perf_counter() - started
+            kv.free(allocation)
+        return (args.tokens - 1) / seconds
 
     ways = {"llmk": through_llmk, "bare": bare}
     if backend == "torch":

@@ -122,6 +122,13 @@ class Engine:
                                             prefill_chunk=self.prefill_chunk)
             return self._scheduler
 
+    @property
+    def kv(self) -> KVCacheManager:
+        """The KV cache manager (created with the scheduler, on first use)."""
+        self.scheduler  # noqa: B018 - creates the cache
+        assert self._kv is not None
+        return self._kv
+
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         with self.lock:
             self.runner.copy_blocks(pairs)

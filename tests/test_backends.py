@@ -135,15 +135,15 @@ class TestArtifactCache:
         assert Cache(tmp_path).entries() == [e for e in Cache(tmp_path).entries() if e["kind"] != "exports"]
         assert not list((tmp_path / "exports").iterdir())
 
-    def test_cli_lists_and_clears_the_cache(self, tmp_path, tiny_llama):
+    def test_cli_lists_and_clears_the_cache(self, tmp_path, tiny_bert):
         with llmk.Kernel(cache_dir=tmp_path, autoload=False) as kernel:
-            kernel.load("a", source=str(tiny_llama), backend="openvino")
+            kernel.load("a", source=str(tiny_bert), backend="openvino")
         env = {**os.environ, "LLMK_DISABLE_PLUGIN_AUTOLOAD": "1"}
         cli = [sys.executable, "-m", "llmk.cli", "--cache-dir", str(tmp_path), "cache"]
         listed = json.loads(subprocess.run([*cli, "list", "--json"], capture_output=True, text=True, env=env,
                                            check=True).stdout)
         kinds = sorted(e["kind"] for e in listed["entries"])
-        assert kinds == ["exports", "runtime"]  # the IR, and its compiled blob
+        assert kinds == ["exports", "runtime"]  # the IR, and its compiled blob (encoders; paged decoders compile)
         assert all(e["valid"] and e["bytes"] > 0 for e in listed["entries"])
         cleared = subprocess.run([*cli, "clear"], capture_output=True, text=True, env=env, check=True)
         assert "removed 2 entries" in cleared.stdout

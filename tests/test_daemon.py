@@ -10,6 +10,7 @@ decode step.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import signal
@@ -313,6 +314,42 @@ def test_one_log_event_per_request(slow):
     assert len(events) == 4
     assert sum("endpoint=/v1/models/{name}" in e and "status=200" in e for e in events) == 3
     assert "status=404" in events[3] and "endpoint=/v1/completions" in events[3]
+
+
+def test_no_hidden_queue_stands_in_front_of_max_queue(fake_site, tmp_path):
+    # Two in the batch and three queued are accepted; the rest are refused at once, not parked
+    # in a thread pool. Each accepted request needs ~4 s, so all ten arrive while they run.
+    daemon, _ = start(tmp_path, "server: {port: 0, max_queue: 3}\nmodels:\n" + fake_models(
+        slow={"options": {"delay": 0.02}, "max_batch_size": 2}), site=fake_site)
+    try:
+        body = {"model": "slow", "prompt": "Hi", "max_tokens": 200, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda _: httpx.post(daemon.url + "/v1/completions", json=body, timeout=120),
+                                    range(10)))
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200] * 5 + [429] * 5, codes
+        assert all(a.json()["usage"]["completion_tokens"] == 200 for a in answers if a.status_code == 200)
+    finally:
+        daemon.stop()
+
+
+def test_a_long_prompt_shows_in_the_gauges_while_it_is_prefilled(fake_site, tmp_path):
+    daemon, _ = start(tmp_path, "server: {port: 0}\nmodels:\n" + fake_models(
+        slow={"options": {"delay": 0.02}, "prefill_chunk": 8}), site=fake_site)
+    try:
+        prompt = " ".join(["The river ran past the village."] * 40)  # ~300 tokens: ~40 steps of 8
+        body = {"model": "slow", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, daemon.url + "/v1/completions", json=body, timeout=120)
+            wait_for(lambda: metric(daemon, "llmk_requests_prefilling", model="slow") == 1, timeout=30)
+            assert metric(daemon, "llmk_requests_running", model="slow") == 1
+            assert metric(daemon, "llmk_prefill_tokens_pending", model="slow") > 0
+            assert answer.result().status_code == 200
+        wait_for(lambda: metric(daemon, "llmk_prefill_tokens_pending", model="slow") == 0)
+        assert metric(daemon, "llmk_kv_cache_tokens", model="slow", kind="capacity") > 0
+        assert metric(daemon, "llmk_prefix_cache_tokens_total", model="slow", kind="looked_up") > 300
+    finally:
+        daemon.stop()
 
 
 def test_a_request_that_runs_too_long_stops_with_504(fake_site, tmp_path):

@@ -1,4 +1,4 @@
-"""OpenVINO backend: models converted to OpenVINO IR, the KV cache kept as model state."""
+"""OpenVINO backend: models converted to OpenVINO IR; decoders run OpenVINO's paged attention."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ class OpenVINOOptions(BackendOptions):
     performance_hint: Literal["latency", "throughput"] = "latency"
     #: Inference threads; 0 lets OpenVINO decide.
     threads: int = 0
-    #: Keep the compiled model in the kernel's cache so that later loads skip compiling.
+    #: Keep the compiled model in the kernel's cache so that later loads skip compiling
+    #: (encoders only: OpenVINO cannot import a compiled paged decoder back).
     compile_cache: bool = True
 
 
@@ -46,11 +47,13 @@ class OpenVINOBackend(Backend):
 
     def load(self, artifact: Artifact, *, device: str, dtype: str, options: OpenVINOOptions,
              cache: Cache) -> Runner:
-        from llmk_backend_openvino.runner import OpenVINORunner, compile_model
+        from llmk_backend_openvino.runner import OpenVINORunner, compile_model, compile_paged
 
         path = artifact.path / MODEL_FILE
         try:
-            if options.compile_cache:
+            if artifact.task == "generate":
+                compiled = compile_paged(path, dtype, options)
+            elif options.compile_cache:
                 # Compiling for the CPU takes seconds: OpenVINO's own model cache keeps
                 # the compiled graph (weights stay memory-mapped from the IR).
                 key = key_digest(artifact.digest, dtype, options.model_dump(), self.versions())

@@ -1,10 +1,12 @@
-"""Convert a Hugging Face model to OpenVINO IR with a stateful KV cache.
+"""Convert a Hugging Face model to OpenVINO IR: a decoder with a stateful KV cache.
 
 The decoder is converted from PyTorch with its KV cache as explicit inputs and
 outputs (``llmk_backend_torch.export``), then each ``past``/``present`` pair is
-turned into internal model state. A ``beam_idx`` input gathers the state's rows
-at every call: that is how finished sequences leave a batch without the cache
-ever crossing into Python (the same design as optimum-intel's stateful export).
+turned into internal model state, with a ``beam_idx`` input gathering the state's
+rows: optimum-intel's stateful form. It is what OpenVINO's SDPA→PagedAttention
+transformation requires as input (it refuses a model without state) and what
+OpenVINO GenAI reads; the runner applies that transformation when it loads the
+model (``paged.py``), so the state itself is never used by llmk.
 """
 
 from __future__ import annotations

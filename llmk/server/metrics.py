@@ -118,8 +118,14 @@ class _KernelCollector:
         def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
 
-        queued = gauge("queue_depth", "Generations waiting for a batch slot", ["model"])
-        running = gauge("requests_running", "Generations in the decoding batch", ["model"])
+        queued = gauge("queue_depth", "Generations waiting for a batch slot and KV cache room", ["model"])
+        running = gauge("requests_running", "Generations admitted: prefilling or decoding", ["model"])
+        prefilling = gauge("requests_prefilling", "Generations whose prompt is still being computed", ["model"])
+        pending = gauge("prefill_tokens_pending", "Prompt tokens admitted and not computed yet", ["model"])
+        kv = gauge("kv_cache_tokens", "KV cache positions: capacity, used by running sequences, reserved for "
+                   "them to grow into, and cached prefixes no sequence holds", ["model", "kind"])
+        prefix = CounterMetricFamily(f"{PREFIX}_prefix_cache_tokens", "Prompt tokens looked up in the prefix "
+                                     "cache, and those found there (not computed again)", labels=["model", "kind"])
         active = gauge("requests_active", "Requests holding a model version (any kind)", ["model", "version"])
         memory = gauge("model_memory_bytes", "Memory a model version holds", ["model", "version", "backend"])
         state = gauge("model_state", "1 for the state each model version is in", ["model", "version", "state"])
@@ -131,7 +137,14 @@ class _KernelCollector:
             if status["current"]:
                 queued.add_metric([model], status["queued"])
                 running.add_metric([model], status["running"])
-        yield from (queued, running, active, memory, state)
+                prefilling.add_metric([model], status["prefilling"])
+                pending.add_metric([model], status["prefill_tokens_pending"])
+                if "kv_capacity_tokens" in status:
+                    for kind in ("capacity", "used", "reserved", "cached"):
+                        kv.add_metric([model, kind], status[f"kv_{kind}_tokens"])
+                    prefix.add_metric([model, "looked_up"], status["prefix_cache_prompt_tokens"])
+                    prefix.add_metric([model, "reused"], status["prefix_cache_reused_tokens"])
+        yield from (queued, running, prefilling, pending, kv, prefix, active, memory, state)
 
         figures = self.kernel.metrics()
         for key, label, doc in (("loads", "result", "Model loads by result"),

@@ -68,9 +68,10 @@ def _compress(model: Any, options: QuantizeOptions) -> None:
 
 def _reads_input_ids(gather: Any) -> bool:
     """The embedding lookup: a Gather whose indices come from the ``input_ids``
-    parameter (through conversions), not a rotary or position table's."""
+    parameter (through conversions, and the reshape that turns a paged model's flat
+    ``[tokens]`` into ``[tokens, 1]``), not a rotary or position table's."""
     node = gather.input_value(1).get_node()
-    while node.get_type_name() == "Convert":
+    while node.get_type_name() in ("Convert", "Unsqueeze", "Reshape"):
         node = node.input_value(0).get_node()
     return node.get_type_name() == "Parameter" and "input_ids" in node.get_output_tensor(0).get_names()
 
