@@ -1,4 +1,5 @@
-"""Export a Hugging Face model to ONNX with the dynamo exporter."""
+"""Export a Hugging Face model to ONNX: decoders through llmk's own graph builder
+(``builder.py``), encoders with the dynamo exporter."""
 
 from __future__ import annotations
 
@@ -12,7 +13,37 @@ from llmk.progress import stages
 log = get_logger("llmk.backend.onnxruntime")
 
 
+#: Written beside ``model.onnx``: what the runner needs to know about the graph.
+META_FILE = "llmk-onnx.json"
+
+
 def export_onnx(source: Artifact, path: Path, *, dtype: str) -> None:
+    if source.task == "generate":
+        export_decoder(source, path, dtype=dtype)
+    else:
+        export_encoder(source, path, dtype=dtype)
+
+
+def export_decoder(source: Artifact, path: Path, *, dtype: str) -> None:
+    from llmk_backend_onnxruntime.builder import build_decoder
+
+    log.info("export.started", backend="onnxruntime", source=source.source, dtype=dtype, graph="decoder")
+    with stages(f"llmk: building the ONNX graph of {source.source} (once)", ["build"]) as stage:
+        stage("build")
+        config = build_decoder(source.path, path, dtype=dtype)
+    (path.parent / META_FILE).write_text(json.dumps({
+        "task": source.task,
+        "graph": "decoder",
+        "dtype": dtype,
+        "max_context": config.max_context,
+        "layers": config.layers,
+        "kv_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "vocab": config.vocab,
+    }, indent=1))
+
+
+def export_encoder(source: Artifact, path: Path, *, dtype: str) -> None:
     import torch
     from llmk_backend_torch.export import dynamic_shapes, example_inputs, io_names, load_for_export
 
@@ -34,8 +65,9 @@ def export_onnx(source: Artifact, path: Path, *, dtype: str) -> None:
         stage("save")
         program.save(str(path), external_data=True)
     config = wrapper.model.config
-    (path.parent / "llmk-onnx.json").write_text(json.dumps({
+    (path.parent / META_FILE).write_text(json.dumps({
         "task": source.task,
+        "graph": "encoder",
         "max_context": int(getattr(config, "max_position_embeddings", 2048) or 2048),
         "inputs": inputs,
         "outputs": outputs,

@@ -54,13 +54,16 @@ def compile_paged(path: Path, dtype: str, options: OpenVINOOptions) -> ov.Compil
 
 def compile_config(dtype: str, options: OpenVINOOptions) -> dict[str, Any]:
     precision = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[dtype]
+    kv_precision = precision
+    if precision == "bf16" and "BF16" not in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        kv_precision = "f32"  # such a CPU computes in f32, and its paged attention then reads only f32 (or f16)
     config: dict[str, Any] = {
         "PERFORMANCE_HINT": options.performance_hint.upper(),
         # By default the CPU plugin may compute in bf16, store the KV cache in u8
         # and quantize activations on the fly: each is a small error that breaks
         # token parity with the other backends. Keep everything in the asked dtype.
         "INFERENCE_PRECISION_HINT": precision,
-        "KV_CACHE_PRECISION": precision,
+        "KV_CACHE_PRECISION": kv_precision,
         "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0",
     }
     if options.threads:

@@ -3,9 +3,10 @@ token-identical; tested on SmolLM2) and save work per token.
 
 - torch: the Q, K and V projections become one matrix multiplication, and so do
   the MLP's gate and up projections (``llmk_backend_torch.fused``).
-- onnxruntime: onnxscript's transformer fusions for ONNX Runtime (RMSNorm and
-  residual-add + RMSNorm, rotary embedding, attention into ``MultiHeadAttention``),
-  which ONNX Runtime's own graph optimizer does not find in a dynamo export.
+- onnxruntime: nothing to do. Its decoder graph is built fused (one Q/K/V and one
+  gate/up projection, ``SkipSimplifiedLayerNormalization``, ``GroupQueryAttention``
+  with rotary embedding inside), and ONNX Runtime fuses encoder graphs itself when
+  it optimizes them, so the kernel skips the pass there.
 - openvino: nothing to do. Its CPU plugin fuses RMSNorm, rotary embedding and
   attention (``ScaledDotProductAttention``) whenever it compiles a model, so the
   kernel skips the pass there.
@@ -22,16 +23,18 @@ from llmk.optimizer import Optimizer, PassOptions
 
 
 class FuseOptions(PassOptions):
-    #: torch: one projection for Q, K and V.
+    #: One projection for Q, K and V (torch; always so on onnxruntime).
     qkv: bool = True
-    #: torch: one projection for the MLP's gate and up.
+    #: One projection for the MLP's gate and up (torch; always so on onnxruntime).
     gate_up: bool = True
 
 
 class FusePass(Optimizer):
     name = "fuse"
-    backends: ClassVar[frozenset[str]] = frozenset({"torch", "onnxruntime"})
+    backends: ClassVar[frozenset[str]] = frozenset({"torch"})
     native: ClassVar[dict[str, str]] = {
+        "onnxruntime": "llmk builds the ONNX decoder graph fused: one Q/K/V and one gate/up projection, "
+                       "residual-add + RMSNorm, GroupQueryAttention with rotary embedding",
         "openvino": "OpenVINO fuses RMSNorm, rotary embedding and attention itself when it compiles the model",
     }
     Options = FuseOptions
@@ -42,10 +45,8 @@ class FusePass(Optimizer):
     }
 
     def apply(self, artifact: Artifact, out_dir: Path, *, backend: str, options: FuseOptions) -> None:
-        if backend == "torch":
-            from llmk_pass_fuse.for_torch import fuse
-        elif backend == "onnxruntime":
-            from llmk_pass_fuse.for_onnxruntime import fuse
-        else:  # the kernel checks `backends` first; this guards direct calls
+        if backend != "torch":  # the kernel checks `backends` and `native` first; this guards direct calls
             raise UnsupportedError(f"pass 'fuse' does not support backend {backend!r}")
+        from llmk_pass_fuse.for_torch import fuse
+
         fuse(artifact, out_dir, options)

@@ -5,7 +5,9 @@ because that one has two losses this avoids (measured on SmolLM2, int4):
 
 - its int4 zero point is an integer, which cannot land on a float-minimum grid
   (+16% perplexity). Here int4 keeps a float minimum, as a correction term:
-  ``x @ (q·d + m) = MatMulNBits(x; q, d, zero 0) + blocksum(x) @ m``.
+  ``x @ (q·d + m) = MatMulNBits(x; q, d) + blocksum(x) @ (m + 8·d)``, where
+  ``MatMulNBits`` without a zero point reads ``(q - 8)·d`` (its fastest kernel)
+  and also computes the block sums, as extra output columns.
 - it quantizes the output head to int4 (+10%) and has no 8-bit form of the
   embedding lookup. Here the embedding table is stored once, in 8 bits (groups
   of 32, symmetric: GGUF's Q8_0 grid), and serves both the lookup and — when the
@@ -14,6 +16,7 @@ because that one has two losses this avoids (measured on SmolLM2, int4):
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from llmk.artifact import Artifact
+from llmk.errors import UnsupportedError
 from llmk_pass_quantize.grids import asymmetric_uint4, pack_uint4, symmetric_int8
 from llmk_pass_quantize.optimizer import QuantizeOptions
 
@@ -33,24 +37,32 @@ TABLE_GROUP = 32
 
 def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> None:
     import onnx
-    from llmk_backend_onnxruntime.export import save_onnx
+    from llmk_backend_onnxruntime.export import META_FILE, save_onnx
     from llmk_backend_onnxruntime.runner import save_optimized
 
-    # The exported graph feeds weights through Transpose nodes; ONNX Runtime's basic
-    # (hardware-independent) optimizations fold them into constant initializers.
-    folded = out_dir / "folded" / MODEL_FILE
-    folded.parent.mkdir()
-    save_optimized(artifact.path / MODEL_FILE, folded, "basic")
+    meta = json.loads((artifact.path / META_FILE).read_text()) if (artifact.path / META_FILE).exists() else {}
+    if meta.get("dtype", "fp32") != "fp32":
+        raise UnsupportedError(f"quantize on onnxruntime rewrites fp32 graphs; this one is {meta['dtype']}")
+    # llmk's decoder graph has 2-D [K, N] weights on 2-D activations already.
+    decoder = meta.get("graph") == "decoder"
+    source = artifact.path / MODEL_FILE
+    if not decoder:
+        # The dynamo export feeds weights through Transpose nodes; ONNX Runtime's basic
+        # (hardware-independent) optimizations fold them into constant initializers.
+        source = out_dir / "folded" / MODEL_FILE
+        source.parent.mkdir()
+        save_optimized(artifact.path / MODEL_FILE, source, "basic")
     target = out_dir / MODEL_FILE
     if options.activations:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(folded), str(target), weight_type=QuantType.QInt8, use_external_data_format=True)
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, use_external_data_format=True)
     else:
-        model = onnx.load(str(folded))
-        _Rewriter(model, options).run()
+        model = onnx.load(str(source))
+        _Rewriter(model, options, flat=decoder).run()
         save_onnx(model, target)
-    shutil.rmtree(folded.parent)
+    if not decoder:
+        shutil.rmtree(source.parent)
     for file in artifact.path.glob("*.json"):
         if not file.name.startswith("llmk-manifest"):
             shutil.copy(file, out_dir / file.name)
@@ -59,16 +71,17 @@ def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> Non
 class _Rewriter:
     """Replaces float ``MatMul``/``Gather`` weights in one pass over the graph."""
 
-    def __init__(self, model: Any, options: QuantizeOptions):
+    def __init__(self, model: Any, options: QuantizeOptions, *, flat: bool = False):
+        """``flat``: every ``MatMul`` input is 2-D (llmk's decoder graph), so the int4
+        correction is one ``Gemm``."""
         from onnx import numpy_helper
 
-        self.model, self.options = model, options
+        self.model, self.options, self.flat = model, options, flat
         self.graph = model.graph
         self.weights = {t.name: t for t in self.graph.initializer
                         if len(t.dims) == 2 and t.data_type == 1}  # 2-D float32
         self.array = lambda name: numpy_helper.to_array(self.weights[name])
         self.new_initializers: list[Any] = []
-        self.block_sums: dict[tuple[str, int], str] = {}  # (input, group) -> its block sums, computed once
         self.table: tuple[str, str, np.ndarray] | None = None  # the 8-bit embedding: (data, scales, float table)
         self.dropped: set[str] = set()
         self.count = 0
@@ -119,18 +132,15 @@ class _Rewriter:
         if sum(name in n.input for n in self.graph.node) <= 1:
             self.dropped.add(name)
 
-    def _nbits(self, x: str, out: str, rows: np.ndarray, bits: int, group: int, stem: str,
-               data: str | None = None, scales: str | None = None, zero: bool = False) -> Any:
-        """``MatMulNBits`` of ``x`` with ``rows`` ([N, K], already quantized into
-        ``data``/``scales`` if given)."""
+    def _nbits(self, x: str, out: str, k: int, n: int, bits: int, group: int, stem: str, data: str,
+               scales: str) -> Any:
+        """``MatMulNBits`` of ``x`` with a ``[N, K]`` matrix quantized into ``data``/``scales``,
+        without a zero point: the default one (8 in 4 bits, 128 in 8 bits)."""
         from onnx import helper
 
-        n, k = rows.shape
-        inputs = [x, data, scales]
-        if zero:  # an explicit zero point of 0 (4-bit, packed): the minimum is added separately
-            inputs.append(self._add(self._name(f"{stem}_zero"), np.zeros((n, (k // group + 1) // 2), np.uint8)))
-        return helper.make_node("MatMulNBits", inputs, [out], name=self._name(stem), domain=MS_DOMAIN, K=k, N=n,
-                                bits=bits, block_size=group, accuracy_level=4 if self.options.int8_compute else 0)
+        return helper.make_node("MatMulNBits", [x, data, scales], [out], name=self._name(stem), domain=MS_DOMAIN,
+                                K=k, N=n, bits=bits, block_size=group,
+                                accuracy_level=4 if self.options.int8_compute else 0)
 
     def _int8_rows(self, rows: np.ndarray, stem: str) -> tuple[str, str]:
         """8-bit data ``[N, K/32, 32]`` (stored as q + 128: MatMulNBits' default zero point) and scales."""
@@ -171,7 +181,8 @@ class _Rewriter:
             data, scales = self.table[:2]
         else:
             data, scales = self._int8_rows(np.ascontiguousarray(weight.T), "head")
-        return [self._nbits(node.input[0], node.output[0], weight.T, 8, TABLE_GROUP, "head", data, scales)]
+        k, n = weight.shape
+        return [self._nbits(node.input[0], node.output[0], k, n, 8, TABLE_GROUP, "head", data, scales)]
 
     def _matmul(self, node: Any) -> list[Any]:
         from onnx import helper
@@ -182,35 +193,28 @@ class _Rewriter:
         x, out = node.input[0], node.output[0]
         if self.options.bits == 8:
             data, scales = self._int8_rows(rows, "linear")
-            return [self._nbits(x, out, rows, 8, TABLE_GROUP, "linear", data, scales)]
+            return [self._nbits(x, out, k, n, 8, TABLE_GROUP, "linear", data, scales)]
         group = self.options.group_size
+        groups = k // group
         q, scales, minimums = asymmetric_uint4(rows, group)
-        data = self._add(self._name("q4"), pack_uint4(q).reshape(n, k // group, group // 2))
-        scales_name = self._add(self._name("scales"), scales)
-        # x @ (q·d + m) = MatMulNBits(x; q, d, zero 0) + blocksum(x) @ m
-        minimums_name = self._add(self._name("minimums"), np.ascontiguousarray(minimums.T).astype(np.float16))
-        partial, correction, minimums32 = self._name("partial"), self._name("correction"), self._name("minimums32")
-        return [
-            *self._block_sums(x, k, group),
-            self._nbits(x, partial, rows, 4, group, "linear", data, scales_name, zero=True),
-            helper.make_node("Cast", [minimums_name], [minimums32], to=1),
-            helper.make_node("MatMul", [self.block_sums[(x, group)], minimums32], [correction]),
-            helper.make_node("Add", [partial, correction], [out]),
+        # x @ (q·d + m) = MatMulNBits(x; q, d) + blocksum(x) @ (m + 8·d). The block sums come out
+        # of the same MatMulNBits, as `groups` more output columns whose weights are 1 on their
+        # group and 0 elsewhere: (9 - 8)·1 and (8 - 8)·1, exact in 4 bits.
+        indicator = np.full((groups, k), 8, np.uint8)
+        for g in range(groups):
+            indicator[g, g * group:(g + 1) * group] = 9
+        packed = pack_uint4(np.concatenate([q, indicator])).reshape(n + groups, groups, group // 2)
+        data = self._add(self._name("q4"), packed)
+        scales_name = self._add(self._name("scales"), np.concatenate([scales, np.ones((groups, groups), np.float32)]))
+        correction = self._add(self._name("correction"), np.ascontiguousarray((minimums + 8 * scales).T))
+        wide, partial, sums = self._name("wide"), self._name("partial"), self._name("sums")
+        widths = self._add(self._name("widths"), np.array([n, groups], np.int64))
+        nodes = [
+            self._nbits(x, wide, k, n + groups, 4, group, "linear", data, scales_name),
+            helper.make_node("Split", [wide, widths], [partial, sums], axis=-1),
         ]
-
-    def _block_sums(self, x: str, k: int, group: int) -> list[Any]:
-        """``x [..., K]`` summed over each group of columns (``[..., K/group]``); once per input."""
-        from onnx import helper
-
-        if (x, group) in self.block_sums:
-            return []
-        t = [self._name(s) for s in ("lead", "shape", "grouped", "sums")]
-        blocks = self._add(self._name("blocks"), np.array([k // group, group], np.int64))
-        axes = self._add(self._name("sum_axis"), np.array([-1], np.int64))
-        self.block_sums[(x, group)] = t[3]
-        return [
-            helper.make_node("Shape", [x], [t[0]], end=-1),
-            helper.make_node("Concat", [t[0], blocks], [t[1]], axis=0),
-            helper.make_node("Reshape", [x, t[1]], [t[2]]),
-            helper.make_node("ReduceSum", [t[2], axes], [t[3]], keepdims=0),
-        ]
+        if self.flat:
+            return [*nodes, helper.make_node("Gemm", [sums, correction, partial], [out])]
+        term = self._name("term")
+        return [*nodes, helper.make_node("MatMul", [sums, correction], [term]),
+                helper.make_node("Add", [partial, term], [out])]

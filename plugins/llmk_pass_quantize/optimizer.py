@@ -48,7 +48,8 @@ class QuantizePass(Optimizer):
     # 3: onnxruntime and openvino write their own graphs: int4 with a float minimum,
     #    the embedding table and output head in 8 bits
     # 4: torch quantizes the tied embedding table (int8) and keeps int4 scales in fp16
-    version = "4"
+    # 5: onnxruntime rewrites llmk's GroupQueryAttention graph (group sums from MatMulNBits itself)
+    version = "5"
     backends: ClassVar[frozenset[str]] = frozenset({"torch", "onnxruntime", "openvino"})
     Options = QuantizeOptions
     presets: ClassVar[dict[str, dict]] = {
