@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup run test bench bench-quick peers clean
+.PHONY: setup run test bench bench-quick bench-serving peers clean
 
 setup: $(VENV)/.installed
 
@@ -26,7 +26,8 @@ run: setup
 test: setup
 	$(VENV)/bin/pytest
 
-# The benchmark suite against its peers (installed once into .venv-peers); docs/BENCHMARKS.md holds the results.
+# The benchmark suite against its peers (installed once into .venv-peers, llama.cpp's llama-server
+# compiled there too); docs/BENCHMARKS.md holds the results.
 peers: .venv-peers/.installed
 .venv-peers/.installed: bench/setup_peers.sh
 	bash bench/setup_peers.sh .venv-peers
@@ -39,6 +40,10 @@ bench: setup peers
 bench-quick: setup peers
 	$(PIP) -c constraints.txt -e ".[bench]"
 	$(VENV)/bin/llmk bench --quick
+
+# The serving figures alone, llmk serve against llama-server, with the Engine v2 goals (about 30 minutes).
+bench-serving: setup peers
+	$(PY) bench/serve.py --backend openvino --pass quantize:bits=4 --runs 5 --json docs/serving.json
 
 clean:
 	rm -rf $(VENV) .venv-peers

@@ -229,6 +229,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise LlmkError(f"unknown peer {unknown[0]!r}; known: {', '.join(PEERS)}")
     runs = args.runs if args.runs is not None else 2 if args.quick else 5
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    llmk_options = bench.parse_options(args.llmk_options)
     command = "llmk " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmk") else "llmk bench"
     if args.from_json:
         data = report.from_json(Path(args.from_json).read_text())
@@ -236,7 +237,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data = bench.run(source=args.model, pipelines=pipelines, peers=peers,
                          peers_python=args.peers_python or str(DEFAULT_PEERS_PYTHON), runs=runs,
                          serve=not args.no_serve, clients=clients, cache_dir=args.cache_dir, command=command,
-                         serve_rounds=1 if args.quick else 2, tokens=args.tokens)
+                         serve_rounds=1 if args.quick else 2, tokens=args.tokens, serving_only=args.serving_only,
+                         llmk_options=llmk_options, serve_parts=tuple(args.serving_parts) or None)
     table = report.markdown(data)
     if args.output:
         Path(args.output).write_text(table)
@@ -310,8 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-peers", action="store_true", help="measure llmk alone")
     bench.add_argument("--peers-python", default=None,
                        help="the peers' interpreter (default .venv-peers/bin/python, see bench/setup_peers.sh)")
-    bench.add_argument("--no-serve", action="store_true", help="skip the concurrent-client figures")
-    bench.add_argument("--clients", default="1,4,8", help="concurrent client counts (default 1,4,8)")
+    bench.add_argument("--no-serve", action="store_true", help="skip the serving figures")
+    bench.add_argument("--serving-only", action="store_true",
+                       help="only the serving figures: llmk serve (the pipeline given) beside llama-server")
+    bench.add_argument("--serving-part", dest="serving_parts", action="append", default=[],
+                       choices=["load", "interference", "prefix"],
+                       help="only these serving figures, repeatable (default: all)")
+    bench.add_argument("--llmk-option", dest="llmk_options", action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of llmk serve's model in the serving figures (e.g. prefill_chunk=256)")
+    bench.add_argument("--clients", default="1,4,8,16,32", help="concurrent client counts (default 1,4,8,16,32)")
     bench.add_argument("--tokens", type=int, default=64, help="tokens per completion (default 64)")
     bench.add_argument("--output", help="also write the markdown report to this file")
     bench.add_argument("--json", help="also write every measurement as JSON to this file")

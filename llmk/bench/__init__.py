@@ -4,14 +4,17 @@ For each backend × pass pipeline on the model (SmolLM2 by default), and for eac
 peer on the same model files (``peers.py``): batch-1 decode tokens/s, time to
 first token, cold and warm load → first token, peak memory and perplexity
 (``worker.py``, one fresh process per measurement, the targets' runs
-interleaved); then aggregate tokens/s of ``llmk serve`` and the peers' servers
-with 1, 4 and 8 concurrent clients (``serving.py``). Every figure is the median
-of several runs with its min and max; the report names the command, the
+interleaved); then the serving figures of ``llmk serve`` beside llama.cpp's own
+server, ``llama-server`` (``serving.py``): aggregate tokens/s and TTFT with 1 to
+32 concurrent streaming clients, how long running streams stall while a long
+prompt is prefilled, and how much a repeated prefix saves. Every figure is the
+median of several runs with its min and max; the report names the command, the
 machine and every library version, states the goals it was run against, and
 can draw a chart (``report.py``).
 
 ``quick`` measures the best pipeline of each backend, two runs each, in a few
-minutes; the full run is what docs/BENCHMARKS.md records.
+minutes; the full run is what docs/BENCHMARKS.md records. ``serving_only``
+measures the servers alone.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmk.bench.report import Figure
 from llmk.logs import get_logger
+
+if TYPE_CHECKING:
+    from llmk.bench.serving import Server
 
 log = get_logger("llmk.bench")
 
@@ -69,11 +75,23 @@ class Target:
 
 @dataclass
 class Serving:
-    """One server's aggregate throughput by number of clients."""
+    """One server's serving figures (``serving.py``), by name: ``tokens_per_s@8``,
+    ``ttft_p50_s@8``, ``ttft_p95_s@8`` for 8 clients, ``max_wait_s``, ``prefix_ratio``...;
+    ``command`` says how it was started."""
 
     name: str
-    figures: dict[int, Figure] = field(default_factory=dict)
+    figures: dict[str, Figure] = field(default_factory=dict)
     error: str | None = None
+    command: str = ""
+
+    def median(self, figure: str) -> float | None:
+        found = self.figures.get(figure)
+        return found.median if found and found.values else None
+
+    @property
+    def clients(self) -> list[int]:
+        """The client counts measured."""
+        return sorted(int(k.split("@")[1]) for k in self.figures if k.startswith("tokens_per_s@"))
 
 
 def weights_of(passes: list[str]) -> str:
@@ -168,22 +186,34 @@ def peer_targets(peers: list[str], env: Any, source: str, ours: list[Target], fi
     return targets, missing
 
 
-def run(*, source: str, pipelines: list[tuple[str, list[str]]], peers: list[str], peers_python: str | None,
-        runs: int, serve: bool, clients: list[int], cache_dir: str | None, command: str,
-        serve_rounds: int = 2, tokens: int = DECODE_TOKENS) -> dict[str, Any]:
-    """Measure everything; returns the report's data (``report.markdown`` renders it)."""
-    from llmk.bench import serving
-    from llmk.bench.peers import PeerEnv, gguf_file
-    from llmk.bench.report import machine
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items as a dict, each value read as YAML (``prefill_chunk=256`` → 256)."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def serving_pipeline(ours: list[Target], pipelines: list[tuple[str, list[str]]]) -> tuple[str, list[str]]:
+    """What ``llmk serve`` serves: the fastest llmk row measured, else (serving
+    only) the given pipeline with the most passes, the first on ties."""
+    measured = [t for t in ours if t.median("decode_tokens_per_s")]
+    if measured:
+        best = max(measured, key=lambda t: t.median("decode_tokens_per_s"))
+        return best.runtime, best.passes
+    return max(pipelines, key=lambda p: len(p[1]))
+
+
+def measure_targets(targets: list[Target], runs: int) -> None:
+    """Perplexity once, then ``runs`` runs of every target's figures, interleaved."""
     from llmk.kernel import QUALITY_TEXT
 
-    env = PeerEnv.find(peers, peers_python)
-    ours, files = llmk_targets(source, pipelines, cache_dir)
-    theirs, missing = peer_targets(peers, env, source, ours, files, cache_dir)
-    targets = ours + theirs
-    threads = os.cpu_count() or 1
     for target in targets:
-        target.job.update(prompt=PROMPT, tokens=tokens, threads=threads)
         try:
             if target.engine not in ("openvino-genai", "onnxruntime-genai"):  # they expose no logits
                 target.perplexity = _work(target, text=QUALITY_TEXT.read_text())["perplexity"]
@@ -200,28 +230,55 @@ def run(*, source: str, pipelines: list[tuple[str, list[str]]], peers: list[str]
                 target.error = str(error)
             log.info("bench.measured", target=target.label, error=target.error)
 
+
+def measure_servers(servers: list[Server], clients: list[int], runs: int, rounds: int, tokens: int,
+                    parts: tuple[str, ...]) -> list[Serving]:
+    """The serving figures of ``servers``, each started fresh, their runs interleaved."""
+    from llmk.bench import serving
+
+    found = serving.measure(servers, clients, runs=runs, rounds=rounds, tokens=tokens, parts=parts)
+    return [Serving(server.name, {k: Figure(v) for k, v in result.figures.items()}, result.error, server.command)
+            for server, result in zip(servers, found)]
+
+
+def run(*, source: str, pipelines: list[tuple[str, list[str]]], peers: list[str], peers_python: str | None,
+        runs: int, serve: bool, clients: list[int], cache_dir: str | None, command: str,
+        serve_rounds: int = 2, tokens: int = DECODE_TOKENS, serving_only: bool = False,
+        llmk_options: dict[str, Any] | None = None, serve_parts: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Measure everything (``serving_only``: the servers alone; ``serve_parts``: some
+    of ``serving.PARTS``); returns the report's data (``report.markdown`` renders it).
+    ``llmk_options`` extend the config of ``llmk serve``'s model (``serving.llmk_model``):
+    engine options such as ``prefill_chunk``."""
+    from llmk.bench import serving
+    from llmk.bench.peers import PeerEnv, gguf_file
+    from llmk.bench.report import machine
+
+    env = PeerEnv.find(peers, peers_python)
+    ours: list[Target] = []
+    targets: list[Target] = []
+    missing: list[str] = []
+    if not serving_only:
+        ours, files = llmk_targets(source, pipelines, cache_dir)
+        theirs, missing = peer_targets(peers, env, source, ours, files, cache_dir)
+        targets = ours + theirs
+        for target in targets:
+            target.job.update(prompt=PROMPT, tokens=tokens, threads=os.cpu_count() or 1)
+        measure_targets(targets, runs)
+
     servers: list[Serving] = []
     if serve and clients:
-        best = max((t for t in ours if t.median("decode_tokens_per_s")), key=lambda t: t.median("decode_tokens_per_s"),
-                   default=None)
-        plans = []
-        if best is not None:
-            plans.append((f"llmk serve ({best.runtime} {' '.join(best.passes) or 'none'}, continuous batching)",
-                          lambda b=best: serving.llmk_server(sys.executable, source, b.runtime, b.passes, cache_dir)))
+        backend, passes = serving_pipeline(ours, pipelines)
+        model = serving.llmk_model(source, backend, passes, max(clients), **(llmk_options or {}))
+        plans = [serving.llmk_plan(sys.executable, model, cache_dir)]
         gguf = gguf_file(source)
-        if "llama.cpp" in env.pythons and gguf is not None:
-            plans.append(("llama.cpp server (llama-cpp-python)",
-                          lambda: serving.llama_cpp_server(env.pythons["llama.cpp"], gguf, threads)))
-        for name, start in plans:
-            server = Serving(name)
-            try:
-                with start() as url:
-                    for count, values in serving.measure(url, clients, runs=runs, rounds=serve_rounds,
-                                                         tokens=tokens).items():
-                        server.figures[count] = Figure(values)
-            except Exception as error:
-                server.error = str(error)
-            servers.append(server)
+        if "llama.cpp" in peers:
+            if env.llama_server is None:
+                missing.append("llama-server: not built (make peers)")
+            elif gguf is None:
+                missing.append(f"llama-server: {source} has no GGUF file")
+            else:
+                plans.append(serving.llama_server_plan(env.llama_server, gguf, os.cpu_count() or 1, max(clients)))
+        servers = measure_servers(plans, clients, runs, serve_rounds, tokens, serve_parts or serving.PARTS)
 
     return {"command": command, "machine": machine(env.versions), "source": source, "runs": runs,
             "tokens": tokens, "prompt": PROMPT, "serve_rounds": serve_rounds, "targets": targets,

@@ -4,17 +4,20 @@ reads: the very files llmk serves, wherever the peer can read them.
 | peer | runs | on |
 |---|---|---|
 | transformers | ``generate`` (the baseline) | the Hugging Face checkpoint llmk converted (fp32) |
-| llama.cpp | llama-cpp-python, and its OpenAI server | the GGUF file itself (Q4_1) |
+| llama.cpp | llama-cpp-python; for serving, llama.cpp's own ``llama-server`` | the GGUF file itself (Q4_1) |
 | openvino-genai | ``LLMPipeline``, with llmk's settings and its own | the IR of each openvino pipeline |
 | onnxruntime-genai | ``Generator`` | the ONNX graph of each onnxruntime pipeline |
 
 transformers runs in llmk's own environment; the others in the peers'
-(``bench/setup_peers.sh``), which llmk never imports.
+(``bench/setup_peers.sh``), which llmk never imports. ``llama-server`` is a
+binary the same script builds into that environment (``bin/llama-server``) from
+the llama.cpp source that llama-cpp-python vendors.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ class PeerEnv:
 
     pythons: dict[str, str]  # peer -> interpreter
     versions: dict[str, str]  # distribution -> version
+    llama_server: str | None = None  # llama.cpp's server binary, when llama.cpp is wanted and built
 
     @classmethod
     def find(cls, wanted: list[str], peers_python: str | None) -> PeerEnv:
@@ -53,7 +57,10 @@ class PeerEnv:
                 if found:
                     pythons[peer], versions[distribution] = python, found
                     break
-        return cls(pythons, versions)
+        server = llama_server_binary(peers_python) if "llama.cpp" in wanted and peers_python else None
+        if server:
+            versions["llama-server"] = llama_server_version(server)
+        return cls(pythons, versions, str(server) if server else None)
 
 
 def _version(python: str, module: str, distribution: str) -> str | None:
@@ -61,6 +68,22 @@ def _version(python: str, module: str, distribution: str) -> str | None:
             f"print(m.version({distribution!r}) if importlib.util.find_spec({module!r}) else '')")
     done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
     return done.stdout.strip() or None
+
+
+def llama_server_binary(peers_python: str) -> Path | None:
+    """``llama-server`` beside the peers' interpreter (``bench/setup_peers.sh`` builds it there)."""
+    binary = Path(peers_python).parent / "llama-server"
+    return binary if binary.is_file() else None
+
+
+def llama_server_version(binary: Path) -> str:
+    """Its ``--version`` line, and the llama-cpp-python sdist it was built from
+    (``llama-server.source`` at the environment's root)."""
+    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    found = re.search(r"version: (.+)", done.stdout + done.stderr)
+    stamp = binary.parent.parent / "llama-server.source"
+    built = stamp.read_text().strip().replace("==", " ") if stamp.is_file() else ""
+    return ", ".join(filter(None, [found.group(1) if found else "", f"from {built}" if built else ""])) or "unknown"
 
 
 def gguf_file(source: str) -> Path | None:
