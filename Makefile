@@ -43,7 +43,7 @@ bench-quick: setup peers
 
 # The serving figures alone, llmk serve against llama-server, with the Engine v2 goals (about 30 minutes).
 bench-serving: setup peers
-	$(PY) bench/serve.py --backend openvino --pass quantize:bits=4 --runs 5 --json docs/serving.json
+	$(PY) bench/serve.py --backend onnxruntime --pass quantize:bits=4 --runs 5 --json docs/serving.json
 
 clean:
 	rm -rf $(VENV) .venv-peers

@@ -33,8 +33,15 @@ from llmk.spec import ModelSpec
 ENVIRONMENT = {"LLMK_HOST": ("server", "host"), "LLMK_PORT": ("server", "port"),
                "LLMK_MEMORY_BUDGET": ("kernel", "memory_budget")}
 
-#: What ``llmk serve`` serves without a config file.
-DEFAULT_MODELS = {"smollm2": {"source": "builtin:smollm2"}, "minilm": {"source": "builtin:minilm"}}
+#: What ``llmk serve`` serves without a config file: SmolLM2 in the fastest configuration
+#: that is lossless on it (its weights are GGUF Q4_1, so int4 on that grid costs nothing;
+#: the quality gate holds it to +1% perplexity), 16 streams at once; and MiniLM.
+#: Measured in docs/BENCHMARKS.md.
+DEFAULT_MODELS = {
+    "smollm2": {"source": "builtin:smollm2", "passes": ["quantize:bits=4"], "max_ppl_increase": 0.01,
+                "max_batch_size": 16},
+    "minilm": {"source": "builtin:minilm"},
+}
 
 
 class ConfigError(LlmkError):

@@ -116,13 +116,25 @@ def test_requests_wait_for_kv_room_and_all_finish_exact(kernel, tiny_llama, hf_g
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cancelling_a_long_prefill_frees_it_within_a_chunk(kernel, tiny_llama, hf_greedy, backend):
+def test_cancelling_a_long_prefill_frees_it_within_a_chunk(kernel, tiny_llama, hf_greedy, backend, monkeypatch):
     model = kernel.load(f"cancel-{backend}", source=str(tiny_llama), backend=backend, prefill_chunk=8)
     engine = model.version.engine
+    forward, chunks, paused, resume = engine.runner.forward, [], threading.Event(), threading.Event()
+
+    def pausing(steps):  # holds the engine after the prompt's second chunk, until the test has cancelled
+        chunks.extend(s for s in steps if len(s.tokens) > 1)
+        if len(chunks) == 2:
+            paused.set()
+            resume.wait(30)
+        return forward(steps)
+
+    monkeypatch.setattr(engine.runner, "forward", pausing)
     stream = model.stream(LONG, max_tokens=5, temperature=0)  # 12 chunks of 8 to go
-    wait_for(lambda: engine.backlog()["prefilling"] == 1, timeout=30)
+    assert paused.wait(30) and engine.backlog()["prefilling"] == 1
     stream.close()
+    resume.set()
     wait_for(lambda: engine.backlog()["running"] == 0, timeout=30)
+    assert len(chunks) <= 3  # the chunk in flight when it was cancelled, at most one more
     assert engine.cache_stats()["kv_used_tokens"] == 0
     assert model.generate(SHORT[1], max_tokens=12, temperature=0).token_ids == hf_greedy(SHORT[1], 12)
     kernel.unload(f"cancel-{backend}")

@@ -85,12 +85,14 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(kernel):
     streaming.cancel()
     assert result.token_ids == runner.expected(long_ids, 3)
     steps = runner.steps[calls:]
-    chunks = [(start, count) for step in steps for _, start, count, logits in step if count > 1]
+    slot = next(s for step in steps for s, start, count, _ in step if start == 0 and count > 1)  # the long one
+    chunks = [(start, count) for step in steps for s, start, count, _ in step if s == slot and start < len(long_ids)]
     assert sum(count for _, count in chunks) == len(long_ids)  # the whole prompt, once
-    assert max(count for _, count in chunks) <= 8  # never more than the budget per step
-    assert [start for start, _ in chunks] == list(range(0, len(long_ids), 8))
+    assert chunks[0] == (0, 8) and max(count for _, count in chunks) <= 8  # never more than the budget
+    assert all(start + count == following for (start, count), (following, _) in zip(chunks, chunks[1:]))
+    assert chunks[-2][1] < 8  # later tokens attend to more positions: they count for more of the budget
     # Every step that computed a chunk also decoded the other stream.
-    assert all(len(step) == 2 for step in steps if any(count > 1 for _, _, count, _ in step))
+    assert all(len(step) == 2 for step in steps if any(s == slot and start < len(long_ids) for s, start, _, _ in step))
 
 
 def test_gauges_show_a_prefill_in_progress(kernel):

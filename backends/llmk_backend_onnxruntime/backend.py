@@ -31,7 +31,7 @@ class OnnxRuntimeBackend(Backend):
     # Resident after a few steps, per byte of graph files (SmolLM2, KV cache apart): 0.85x in fp32
     # (the embedding table's pages are mapped, not read), 1.5x int8, 1.75x int4 (prepacked weights).
     memory_factor: ClassVar[float] = 1.9
-    speed_rank: ClassVar[dict[str, int]] = {"cpu": 20, "cuda": 90}
+    speed_rank: ClassVar[dict[str, int]] = {"cpu": 30, "cuda": 90}
     Options = OnnxRuntimeOptions
 
     @classmethod

@@ -31,7 +31,7 @@ class OpenVINOBackend(Backend):
     # The compiled model keeps its own (repacked) weights beside the memory-mapped IR:
     # 2.1x the IR's size in fp32, 2.6x for int8 (measured on SmolLM2).
     memory_factor: ClassVar[float] = 2.8
-    speed_rank: ClassVar[dict[str, int]] = {"cpu": 30}
+    speed_rank: ClassVar[dict[str, int]] = {"cpu": 20}
     Options = OpenVINOOptions
 
     @classmethod
