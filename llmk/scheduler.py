@@ -4,10 +4,11 @@ A step is a token budget (vLLM v1's scheduler, llama.cpp's server slots): every
 running sequence whose prompt is in the KV cache decodes one token, and up to
 ``prefill_chunk`` prompt tokens go to the sequences still prefilling, oldest
 first. A long prompt is computed over several steps while the others keep
-streaming, and a cancelled or expired request stops within one step. The budget
-counts what a prompt token costs: a token at position ``p`` also attends to the
-``p`` before it, so it counts ``1 + p / ATTENTION_SPAN`` — the chunks of a long
-prompt shrink as it grows, and every step takes about as long as the first. Between
+streaming, and a cancelled or expired request stops within one step. While
+other sequences decode, the budget counts what a prompt token costs: a token at
+position ``p`` also attends to the ``p`` before it, so it counts
+``1 + p / ATTENTION_SPAN`` — the chunks of a long prompt shrink as it grows, and
+every step they wait on takes about as long as the first. Between
 steps the scheduler drops cancelled and expired requests, frees what finished,
 and admits waiting requests, first come first served, while there is a free
 slot (``max_batch_size``) and KV room for the prompt plus ``max_tokens``.
@@ -340,7 +341,8 @@ class Scheduler:
             sequence = request.sequence
             if not sequence.prefilling or budget <= 0:
                 continue
-            weight = 1.0 + sequence.computed / ATTENTION_SPAN
+            # Attention is counted only when streams wait on the step.
+            weight = 1.0 + sequence.computed / ATTENTION_SPAN if decoding else 1.0
             end = sequence.computed + min(sequence.pending_prompt, max(1, int(budget / weight)))
             budget -= (end - sequence.computed) * weight
             self.kv.ensure(sequence.kv, end)
