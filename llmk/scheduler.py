@@ -350,7 +350,8 @@ class Scheduler:
             steps.append(SequenceStep(sequence.kv.slot, sequence.prompt_ids[sequence.computed:end],
                                       sequence.computed, sequence.kv.blocks, logits=1 if last else 0))
             owners.append(request)
-        self.recent_steps.append((decoding, sum(len(s.tokens) for s in steps[decoding:])))
+        if steps:
+            self.recent_steps.append((decoding, sum(len(s.tokens) for s in steps[decoding:])))
         return steps, owners
 
     def _advance(self, steps: list[SequenceStep], owners: list[Request], logits: np.ndarray) -> None:

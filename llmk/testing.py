@@ -11,7 +11,10 @@ It gives you:
   ``build_tiny_tokenizer``, ``build_tiny_llama`` and ``build_tiny_bert``, and the
   session fixtures ``tiny_tokenizer``, ``tiny_llama`` and ``tiny_bert`` (their directories);
 - ``FakeBackend``: a deterministic backend written with NumPy only, with knobs
-  (its options) to inject delays and failures, and counters of what it did;
+  (its options) to inject delays and failures, and counters of what it did. Its
+  runner keeps the step contract for real: its KV cache holds token ids, its
+  logits depend on what it reads back, and ``runner.expected(prompt, n)`` is the
+  greedy completion an engine must produce (paged or ``contiguous`` layout);
 - ``FakePlugin`` / the ``fake_plugin`` fixture: registers ``FakeBackend`` and
   resolves the sources ``fake:NAME`` (a model that generates) and
   ``fake-embed:NAME`` (a model that embeds);

@@ -193,6 +193,11 @@ def test_smollm2_prefix_cache_and_chunks_are_exact(real_kernel, backend):
                                max_tokens=24, temperature=0).token_ids for q in questions]
     real_kernel.unload(f"ref-{backend}")
     model = real_kernel.load(f"engine-{backend}", source="builtin:smollm2", backend=backend, prefill_chunk=64)
+    # One request alone first: its finished blocks are what the concurrent ones must reuse, whatever
+    # order the threads reach the queue in.
+    first = model.chat([{"role": "system", "content": system}, {"role": "user", "content": questions[0]}],
+                       max_tokens=24, temperature=0).token_ids
+    assert first == expected[0]
     got = concurrently(lambda q: model.chat([{"role": "system", "content": system}, {"role": "user", "content": q}],
                                             max_tokens=24, temperature=0).token_ids, questions + questions)
     assert got == expected + expected
