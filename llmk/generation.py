@@ -13,11 +13,11 @@ import asyncio
 import math
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llmk.errors import OptionsError, UnsupportedError
-from llmk.sampling import LogitsProcessor, SamplingParams, TokenMask, sample
+from llmk.sampling import LogitsProcessor, SamplingParams, TokenLogprob, TokenMask, sample
 from llmk.sequence import FinishReason, StreamChunk
 from llmk.tokenizer import Tokenizer
 
@@ -25,9 +25,10 @@ if TYPE_CHECKING:
     from llmk.backend import Runner
     from llmk.kv import KVCacheManager
     from llmk.scheduler import Request, Scheduler
+    from llmk.tools import ToolCall
 
 __all__ = ["Engine", "FinishReason", "GenerationResult", "LogitsProcessor", "SamplingParams", "StreamChunk",
-           "IDLE_BACKLOG", "PromptTooLongError", "Timing", "TokenMask", "default_kv_tokens", "sample"]
+           "IDLE_BACKLOG", "PromptTooLongError", "Timing", "TokenLogprob", "TokenMask", "default_kv_tokens", "sample"]
 
 
 #: ``Engine.backlog()`` of a model with nothing to do.
@@ -53,6 +54,11 @@ class GenerationResult:
     seconds: float = 0.0
     first_token_seconds: float = 0.0
     queue_wait: float = 0.0
+    #: One per token, when the request asked for ``logprobs``.
+    logprobs: list[TokenLogprob] | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+    #: The tool calls parsed from the answer (chat with ``tools``); ``text`` keeps the rest.
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     @property
     def completion_tokens(self) -> int:
@@ -72,8 +78,10 @@ class Timing:
 def _result(request: Request, chunks: list[StreamChunk]) -> GenerationResult:
     ids = [t for c in chunks for t in c.token_ids]
     reason = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "cancelled")
+    logprobs = [p for c in chunks for p in c.logprobs or ()] if request.sequence.params.logprobs else None
     return GenerationResult("".join(c.text for c in chunks), ids, reason, len(request.sequence.prompt_ids),
-                            request.seconds, request.first_token_seconds, request.queue_wait)
+                            request.seconds, request.first_token_seconds, request.queue_wait, logprobs,
+                            list(request.sequence.prompt_ids))
 
 
 class Engine:
@@ -242,6 +250,19 @@ class Engine:
             request.cancel()
 
     # -- scoring ----------------------------------------------------------
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the ones before it (the
+        first has none), with the ``top`` likeliest tokens at each position."""
+        from llmk.sampling import TokenLogprob, logprob_of
+
+        if self.runner.task != "generate":
+            raise UnsupportedError("this model embeds text; log-probabilities need a model that generates")
+        with self.lock:
+            logits = self.runner.logits(ids)
+        text = self.tokenizer.token_text
+        first = TokenLogprob(ids[0], text(ids[0]), None)
+        return [first] + [logprob_of(logits[i - 1], ids[i], top, text) for i in range(1, len(ids))]
+
     def perplexity(self, text: str) -> float:
         """exp(mean negative log-likelihood) of ``text``; long texts are scored in
         overlapping windows (half-window stride), each token counted once."""

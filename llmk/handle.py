@@ -16,7 +16,8 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, overload
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from llmk.errors import OptionsError
 from llmk.generation import Engine, GenerationResult, SamplingParams, StreamChunk, Timing
@@ -26,30 +27,104 @@ if TYPE_CHECKING:
     from llmk.kernel import Kernel
     from llmk.lifecycle import ModelVersion
     from llmk.sampling import LogitsProcessor
+    from llmk.tools import ToolSet
 
 Messages = Sequence[dict[str, Any]]
-#: Turns the leased engine into the prompt's token ids (``limit``: a cap on its length).
-PromptIds = Callable[[Engine, "int | None"], list[int]]
 
 
-def _check_messages(messages: Messages) -> list[dict[str, Any]]:
-    if not messages:
-        raise OptionsError("chat", "messages is empty")
+@dataclass
+class Prepared:
+    """A request made ready for the engine: its prompt ids, its sampling
+    parameters (a required tool call adds its grammar) and its tools, if any."""
+
+    ids: list[int]
+    params: SamplingParams
+    tools: ToolSet | None = None
+
+
+#: Turns the leased engine and the caller's sampling parameters into a ``Prepared`` request.
+Prepare = Callable[[Engine, SamplingParams], Prepared]
+
+
+def _single(prompt: Any) -> bool:
+    """One prompt (text or token ids), as opposed to a list of them."""
+    return isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
+                                       and all(isinstance(t, int) for t in prompt))
+
+
+def _text(prompt: str | list[int], limit: int | None) -> Prepare:
+    return lambda engine, params: Prepared(engine.prompt_ids(prompt, limit), params)
+
+
+def _chat(messages: Messages, limit: int | None, tools: Any = None, tool_choice: Any = None,
+          parallel_tool_calls: bool | None = None) -> Prepare:
+    from llmk.constraints import schema_prompt
+    from llmk.tools import render_messages, tool_grammar, tool_set, tools_in_template
+
+    def prepare(engine: Engine, params: SamplingParams) -> Prepared:
+        # Checked here, inside the call's record, so that a refused request counts as one.
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise OptionsError("messages", "give a non-empty list of messages")
+        toolset = tool_set(tools, tool_choice, parallel_tool_calls)
+        template = engine.tokenizer.chat_template
+        rendered, extra = render_messages(list(messages), toolset, template_has_tools=tools_in_template(template))
+        grammar = tool_grammar(toolset) if toolset is not None else None
+        if grammar is not None:  # a required call: the grammar makes even a small model's call valid
+            if params.constrained:
+                raise OptionsError("tool_choice", "a required tool call cannot be combined with a response "
+                                   "format, json_schema, regex or grammar")
+            params = params.model_copy(update={"grammar": grammar})
+        if params.json_schema is not None and params.json_schema != {"type": "object"}:  # (not JSON mode)
+            rendered = _with_system(rendered, schema_prompt(params.json_schema))
+        ids = engine.prompt_ids(engine.tokenizer.apply_chat_template(rendered, **extra), limit)
+        return Prepared(ids, params, toolset)
+
+    return prepare
+
+
+def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """``text`` at the end of the first system message, or as a new one in front."""
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise OptionsError("chat", f"messages[{i}] needs a string 'role'")
-        if not isinstance(message.get("content"), str):
-            raise OptionsError("chat", f"messages[{i}] needs a string 'content'")
-    return [dict(m) for m in messages]
+        if message["role"] == "system":
+            content = message.get("content") or ""
+            return [*messages[:i], {**message, "content": f"{content}\n\n{text}" if content else text},
+                    *messages[i + 1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
-def _text_ids(prompt: str) -> PromptIds:
-    return lambda engine, limit: engine.prompt_ids(prompt, limit)
+def _read_tools(result: GenerationResult, tools: ToolSet | None) -> GenerationResult:
+    """Move the tool calls out of a finished answer's text."""
+    if tools is None or tools.choice == "none":
+        return result
+    from llmk.tools import parse_tool_calls
+
+    content, calls = parse_tool_calls(result.text)
+    if calls:
+        result.text, result.tool_calls = content or "", calls
+        if result.finish_reason == "stop":
+            result.finish_reason = "tool_calls"
+    return result
 
 
-def _chat_ids(messages: Messages) -> PromptIds:
-    return lambda engine, limit: engine.prompt_ids(
-        engine.tokenizer.apply_chat_template(_check_messages(messages)), limit)
+class _ToolChunks:
+    """Rewrites a stream's chunks so that tool calls arrive as ``tool_calls``, never as text."""
+
+    def __init__(self, tools: ToolSet | None):
+        from llmk.tools import ToolCallStream
+
+        self.parser = ToolCallStream() if tools is not None and tools.choice != "none" else None
+        self.called = False
+
+    def __call__(self, chunk: StreamChunk) -> StreamChunk:
+        if self.parser is None:
+            return chunk
+        text, calls = self.parser.feed(chunk.text)
+        if chunk.finish_reason is not None:
+            rest, more = self.parser.finish()
+            text, calls = text + rest, calls + more
+        self.called = self.called or bool(calls)
+        reason = "tool_calls" if chunk.finish_reason == "stop" and self.called else chunk.finish_reason
+        return StreamChunk(text, chunk.token_ids, reason, chunk.logprobs, calls)
 
 
 class AsyncStream:
@@ -58,8 +133,10 @@ class AsyncStream:
     (a server does, to answer bad input before it sends headers); iterating
     starts it otherwise. ``aclose()`` (or leaving the loop) stops the generation."""
 
-    def __init__(self, chunks: AsyncGenerator[StreamChunk | None, None]):
-        self._chunks = chunks
+    def __init__(self, chunks_of: Callable[[AsyncStream], AsyncGenerator[StreamChunk | None, None]]):
+        #: The prompt's length in tokens, known once started.
+        self.prompt_tokens = 0
+        self._chunks = chunks_of(self)
         self._started = False
 
     async def start(self) -> AsyncStream:
@@ -84,11 +161,14 @@ class AsyncStream:
 class ModelHandle:
     """Generate, chat, stream, embed and score with the model loaded as ``name``.
 
-    Generation calls take ``max_tokens``, ``temperature``, ``top_p``, ``top_k``,
-    ``seed``, ``stop``, ``timeout`` (seconds, queueing included: the generation
-    stops with ``finish_reason="timeout"``), ``logits_processors`` (run on each
-    step's logits before sampling: ``llmk.sampling.TokenMask`` constrains
-    tokens) and ``max_prompt_tokens`` (refuse longer prompts).
+    Generation calls take the fields of ``SamplingParams`` (``max_tokens``,
+    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, the penalties,
+    ``logit_bias``, ``logprobs``/``top_logprobs``, and one constraint:
+    ``json_schema``, ``regex`` or ``grammar``), ``timeout`` (seconds, queueing
+    included: the generation stops with ``finish_reason="timeout"``),
+    ``logits_processors`` (stateless, run on each step's logits before sampling:
+    ``llmk.sampling.TokenMask`` constrains tokens) and ``max_prompt_tokens``
+    (refuse longer prompts).
     """
 
     def __init__(self, kernel: Kernel, name: str):
@@ -136,147 +216,171 @@ class ModelHandle:
             self._finished(version, record, timing)
 
     # -- generation ---------------------------------------------------------
-    @overload
-    def generate(self, prompt: str, **params: Any) -> GenerationResult: ...
-    @overload
-    def generate(self, prompt: list[str], **params: Any) -> list[GenerationResult]: ...
+    def generate(self, prompt: str | list[int] | list[str] | list[list[int]], *, n: int = 1,
+                 timeout: float | None = None, logits_processors: Sequence[LogitsProcessor] = (),
+                 max_prompt_tokens: int | None = None, **params: Any) -> Any:
+        """Complete a prompt (text or token ids): a ``GenerationResult``. A list of
+        prompts, or ``n`` > 1 choices, run as one batch and give a list, prompt by
+        prompt, its choices together (each result is the same as completing that
+        prompt alone, greedy or with the same seed)."""
+        single = _single(prompt)
+        prompts = [prompt] if single else list(prompt)  # type: ignore[arg-type]
+        if not prompts:
+            raise OptionsError("generation", "no prompts given")
+        results = self._run([_text(p, max_prompt_tokens) for p in prompts], n, params, timeout, logits_processors)
+        return results[0] if single and n == 1 else results
 
-    def generate(self, prompt: str | list[str], *, timeout: float | None = None,
-                 logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
-                 **params: Any) -> GenerationResult | list[GenerationResult]:
-        """Complete a prompt, or a list of prompts as one batch (each result is
-        the same as completing that prompt alone, greedy or with the same seed)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        version = self._acquire()
-        with self._recording(version) as (record, timing):
-            sampling = SamplingParams.build(**params)
-            if not prompts:
-                raise OptionsError("generation", "no prompts given")
-            engine = version.engine
-            ids = [engine.prompt_ids(p, max_prompt_tokens) for p in prompts]
-            results = engine.generate(ids, [sampling] * len(ids), timing, timeout, logits_processors)
-            _measure(record, results)
-        return results[0] if isinstance(prompt, str) else results
-
-    def chat(self, messages: Messages, *, timeout: float | None = None,
+    def chat(self, messages: Messages, *, n: int = 1, tools: Any = None, tool_choice: Any = None,
+             parallel_tool_calls: bool | None = None, timeout: float | None = None,
              logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
-             **params: Any) -> GenerationResult:
-        """Answer a conversation, formatted with the model's chat template."""
+             **params: Any) -> Any:
+        """Answer a conversation, formatted with the model's chat template: a
+        ``GenerationResult`` (a list of ``n`` when ``n`` > 1). With ``tools``
+        (OpenAI's shape), calls in the answer come back as ``tool_calls``."""
+        prepare = _chat(messages, max_prompt_tokens, tools, tool_choice, parallel_tool_calls)
+        results = self._run([prepare], n, params, timeout, logits_processors)
+        return results[0] if n == 1 else results
+
+    def _run(self, prepares: list[Prepare], n: int, params: dict[str, Any], timeout: float | None,
+             processors: Sequence[LogitsProcessor]) -> list[GenerationResult]:
         version = self._acquire()
         with self._recording(version) as (record, timing):
-            sampling = SamplingParams.build(**params)
-            ids = _chat_ids(messages)(version.engine, max_prompt_tokens)
-            (result,) = version.engine.generate([ids], [sampling], timing, timeout, logits_processors)
-            _measure(record, [result])
-        return result
+            prepared = _expand(version.engine, prepares, n, params)
+            results = version.engine.generate([p.ids for p in prepared], [p.params for p in prepared], timing,
+                                              timeout, processors)
+            results = [_read_tools(r, p.tools) for r, p in zip(results, prepared)]
+            _measure(record, results)
+        return results
 
-    def stream(self, prompt: str, *, timeout: float | None = None,
+    async def agenerate(self, prompt: str | list[int] | list[str] | list[list[int]], *, n: int = 1,
+                        timeout: float | None = None, logits_processors: Sequence[LogitsProcessor] = (),
+                        max_prompt_tokens: int | None = None, **params: Any) -> Any:
+        """``generate`` for a coroutine."""
+        single = _single(prompt)
+        prompts = [prompt] if single else list(prompt)  # type: ignore[arg-type]
+        if not prompts:
+            raise OptionsError("generation", "no prompts given")
+        results = await self._arun([_text(p, max_prompt_tokens) for p in prompts], n, params, timeout,
+                                   logits_processors)
+        return results[0] if single and n == 1 else results
+
+    async def achat(self, messages: Messages, *, n: int = 1, tools: Any = None, tool_choice: Any = None,
+                    parallel_tool_calls: bool | None = None, timeout: float | None = None,
+                    logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
+                    **params: Any) -> Any:
+        """``chat`` for a coroutine."""
+        prepare = _chat(messages, max_prompt_tokens, tools, tool_choice, parallel_tool_calls)
+        results = await self._arun([prepare], n, params, timeout, logits_processors)
+        return results[0] if n == 1 else results
+
+    async def _arun(self, prepares: list[Prepare], n: int, params: dict[str, Any], timeout: float | None,
+                    processors: Sequence[LogitsProcessor]) -> list[GenerationResult]:
+        version = await self._aacquire()
+        with self._recording(version) as (record, timing):
+            prepared = _expand(version.engine, prepares, n, params)
+            results = await version.engine.agenerate([p.ids for p in prepared], [p.params for p in prepared],
+                                                     timing, timeout, processors)
+            results = [_read_tools(r, p.tools) for r, p in zip(results, prepared)]
+            _measure(record, results)
+        return results
+
+    def stream(self, prompt: str | list[int], *, timeout: float | None = None,
                logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
                **params: Any) -> Iterator[StreamChunk]:
         """Yield the completion piece by piece as tokens are generated; closing
         the iterator stops the generation. Bad input raises here, at the call."""
-        return self._stream(_text_ids(prompt), params, timeout, logits_processors, max_prompt_tokens)
+        return self._stream(_text(prompt, max_prompt_tokens), params, timeout, logits_processors)
 
-    def chat_stream(self, messages: Messages, *, timeout: float | None = None,
+    def chat_stream(self, messages: Messages, *, tools: Any = None, tool_choice: Any = None,
+                    parallel_tool_calls: bool | None = None, timeout: float | None = None,
                     logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
                     **params: Any) -> Iterator[StreamChunk]:
-        """``chat`` streamed piece by piece."""
-        return self._stream(_chat_ids(messages), params, timeout, logits_processors, max_prompt_tokens)
+        """``chat`` streamed piece by piece; tool calls come in chunks' ``tool_calls``."""
+        prepare = _chat(messages, max_prompt_tokens, tools, tool_choice, parallel_tool_calls)
+        return self._stream(prepare, params, timeout, logits_processors)
 
-    def _stream(self, make_ids: PromptIds, params: dict[str, Any], timeout: float | None,
-                processors: Sequence[LogitsProcessor], limit: int | None) -> Iterator[StreamChunk]:
-        stream = self._stream_leased(make_ids, params, timeout, processors, limit)
+    def _stream(self, prepare: Prepare, params: dict[str, Any], timeout: float | None,
+                processors: Sequence[LogitsProcessor]) -> Iterator[StreamChunk]:
+        stream = self._stream_leased(prepare, params, timeout, processors)
         # Run up to the leading None: the request is validated and queued, and the
         # generator is inside its try block, so close() or garbage collection
         # releases the lease even if it is never iterated.
         next(stream)
         return stream  # type: ignore[return-value]
 
-    def _stream_leased(self, make_ids: PromptIds, params: dict[str, Any], timeout: float | None,
-                       processors: Sequence[LogitsProcessor], limit: int | None) -> Iterator[StreamChunk | None]:
+    def _stream_leased(self, prepare: Prepare, params: dict[str, Any], timeout: float | None,
+                       processors: Sequence[LogitsProcessor]) -> Iterator[StreamChunk | None]:
         version = self._acquire()
         with self._recording(version) as (record, timing):
             started = time.perf_counter()
             engine = version.engine
-            sampling = SamplingParams.build(**params)
-            ids = make_ids(engine, limit)
-            record.tokens_in = len(ids)
-            request = engine.submit(ids, sampling, timeout, processors)
+            (prepared,) = _expand(engine, [prepare], 1, params)
+            record.tokens_in = len(prepared.ids)
+            request = engine.submit(prepared.ids, prepared.params, timeout, processors)
+            rewrite = _ToolChunks(prepared.tools)
             try:
                 yield None  # consumed by _stream
                 record.finish_reason = "cancelled"  # unless the stream reaches its end
                 for chunk in request:
                     timing.queue_wait = request.queue_wait
                     _count(record, chunk, started)
-                    yield chunk
+                    yield rewrite(chunk)
             finally:
                 request.cancel()  # a no-op once finished; otherwise the reader went away
                 _pace(record, started)
 
-    # -- async generation: on the caller's event loop, no thread per request -------------
-    async def agenerate(self, prompt: str | list[str], *, timeout: float | None = None,
-                        logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
-                        **params: Any) -> Any:
-        """``generate`` for a coroutine."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        version = await self._aacquire()
-        with self._recording(version) as (record, timing):
-            sampling = SamplingParams.build(**params)
-            if not prompts:
-                raise OptionsError("generation", "no prompts given")
-            engine = version.engine
-            ids = [engine.prompt_ids(p, max_prompt_tokens) for p in prompts]
-            results = await engine.agenerate(ids, [sampling] * len(ids), timing, timeout, logits_processors)
-            _measure(record, results)
-        return results[0] if isinstance(prompt, str) else results
-
-    async def achat(self, messages: Messages, *, timeout: float | None = None,
-                    logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
-                    **params: Any) -> GenerationResult:
-        """``chat`` for a coroutine."""
-        version = await self._aacquire()
-        with self._recording(version) as (record, timing):
-            sampling = SamplingParams.build(**params)
-            ids = _chat_ids(messages)(version.engine, max_prompt_tokens)
-            (result,) = await version.engine.agenerate([ids], [sampling], timing, timeout, logits_processors)
-            _measure(record, [result])
-        return result
-
-    def astream(self, prompt: str, *, timeout: float | None = None,
+    def astream(self, prompt: str | list[int], *, timeout: float | None = None,
                 logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
                 **params: Any) -> AsyncStream:
         """``stream`` for a coroutine: ``async for piece in handle.astream(...)``."""
-        return AsyncStream(self._astream_leased(_text_ids(prompt), params, timeout, logits_processors,
-                                                max_prompt_tokens))
+        prepare = _text(prompt, max_prompt_tokens)
+        return AsyncStream(lambda stream: self._astream_leased(stream, prepare, params, timeout, logits_processors))
 
-    def achat_stream(self, messages: Messages, *, timeout: float | None = None,
+    def achat_stream(self, messages: Messages, *, tools: Any = None, tool_choice: Any = None,
+                     parallel_tool_calls: bool | None = None, timeout: float | None = None,
                      logits_processors: Sequence[LogitsProcessor] = (), max_prompt_tokens: int | None = None,
                      **params: Any) -> AsyncStream:
         """``chat_stream`` for a coroutine."""
-        return AsyncStream(self._astream_leased(_chat_ids(messages), params, timeout, logits_processors,
-                                                max_prompt_tokens))
+        prepare = _chat(messages, max_prompt_tokens, tools, tool_choice, parallel_tool_calls)
+        return AsyncStream(lambda stream: self._astream_leased(stream, prepare, params, timeout, logits_processors))
 
-    async def _astream_leased(self, make_ids: PromptIds, params: dict[str, Any], timeout: float | None,
-                              processors: Sequence[LogitsProcessor],
-                              limit: int | None) -> AsyncGenerator[StreamChunk | None, None]:
+    async def _astream_leased(self, stream: AsyncStream, prepare: Prepare, params: dict[str, Any],
+                              timeout: float | None,
+                              processors: Sequence[LogitsProcessor]) -> AsyncGenerator[StreamChunk | None, None]:
         version = await self._aacquire()
         with self._recording(version) as (record, timing):
             started = time.perf_counter()
             engine = version.engine
-            sampling = SamplingParams.build(**params)
-            ids = make_ids(engine, limit)
-            record.tokens_in = len(ids)
-            request = engine.submit(ids, sampling, timeout, processors, asyncio.get_running_loop())
+            (prepared,) = _expand(engine, [prepare], 1, params)
+            record.tokens_in = stream.prompt_tokens = len(prepared.ids)
+            request = engine.submit(prepared.ids, prepared.params, timeout, processors, asyncio.get_running_loop())
+            rewrite = _ToolChunks(prepared.tools)
             try:
                 yield None  # consumed by AsyncStream.start
                 record.finish_reason = "cancelled"
                 async for chunk in request:
                     timing.queue_wait = request.queue_wait
                     _count(record, chunk, started)
-                    yield chunk
+                    yield rewrite(chunk)
             finally:
                 request.cancel()
                 _pace(record, started)
+
+    async def aprompt_logprobs(self, prompt: str | list[int], top: int = 0) -> list[Any]:
+        """Each prompt token's ``TokenLogprob`` given those before it (the first's ``logprob`` is ``None``)."""
+        version = await self._aacquire()
+        with self._recording(version):
+            engine = version.engine
+            ids = engine.prompt_ids(prompt)
+            return await asyncio.to_thread(engine.prompt_logprobs, ids, top)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of token ids (special tokens left out)."""
+        version = self._acquire()
+        try:
+            return version.engine.tokenizer.decode(list(token_ids))
+        finally:
+            version.release()
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` is for this model (waits while it loads)."""
@@ -308,6 +412,18 @@ class ModelHandle:
 
     async def aperplexity(self, text: str) -> float:
         return await asyncio.to_thread(self.perplexity, text)
+
+
+def _expand(engine: Engine, prepares: list[Prepare], n: int, params: dict[str, Any]) -> list[Prepared]:
+    """Every prompt's request, each repeated ``n`` times with its own seed stream."""
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
+        raise OptionsError("n", f"n must be an integer from 1 to 128, not {n!r}")
+    sampling = SamplingParams.build(**params)
+    out = []
+    for prepare in prepares:
+        prepared = prepare(engine, sampling)
+        out.extend(Prepared(prepared.ids, prepared.params.for_row(row), prepared.tools) for row in range(n))
+    return out
 
 
 def _count(record: RequestRecord, chunk: StreamChunk, started: float) -> None:

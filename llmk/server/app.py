@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmk import __version__
-from llmk.server import admin, api
+from llmk.server import admin, api, responses
 from llmk.server.errors import ApiError
 from llmk.server.metrics import RequestLog
 
@@ -49,6 +49,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         return error_response(ApiError(error.status_code, str(error.detail), code=str(error.status_code)))
 
     app.include_router(api.router(daemon))
+    app.include_router(responses.router(daemon))
     app.include_router(admin.router(daemon))
 
     @app.get("/health")
