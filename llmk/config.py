@@ -74,6 +74,18 @@ class ServerConfig(_Section):
     max_prompt_tokens: int = Field(8192, ge=1)
     #: Largest ``max_tokens`` accepted.
     max_completion_tokens: int = Field(4096, ge=1)
+    #: Largest request body, in bytes: a bigger one is refused (413) before it is read whole.
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    #: Most texts in one embeddings request (OpenAI allows 2,048).
+    max_embedding_inputs: int = Field(256, ge=1)
+    #: Most choices (``n``) in one completion request.
+    max_choices: int = Field(16, ge=1, le=128)
+    #: Seconds a model's engine may have work and make no progress before the watchdog
+    #: reports it and fails its stuck requests.
+    stall_timeout: float = Field(120.0, gt=0)
+    #: Directories the management API may load local models from (besides ``builtin:``
+    #: and other registered sources, and the paths this file names). Empty: none.
+    model_roots: list[str] = Field(default_factory=list)
 
 
 class KernelConfig(_Section):
@@ -157,7 +169,9 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None,
     if path is not None:
         where = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.load(Path(path).read_text(), Loader=_strict_loader()) or {}  # noqa: S506 - a SafeLoader
+        except DuplicateKeyError as error:
+            raise ConfigError(where, str(error)) from None
         except OSError as error:
             raise ConfigError(where, f"cannot read it: {error.strerror or error}") from None
         except yaml.YAMLError as error:
@@ -177,3 +191,30 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None,
         return Config.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(where, format_validation_error(error)) from None
+
+
+class DuplicateKeyError(ValueError):
+    """A mapping in the file gives the same key twice."""
+
+
+def _strict_loader() -> Any:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (where it
+    would silently keep the last): two models under one name is a mistake."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    hash(key)
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    continue
+                if key in seen:
+                    raise DuplicateKeyError(f"the key {key!r} is given twice (lines {seen[key]} and {line})")
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader

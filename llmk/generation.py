@@ -96,12 +96,13 @@ class Engine:
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer, *, name: str = "model", max_batch_size: int = 8,
                  max_queue: int = 1024, prefill_chunk: int = 256, kv_cache_tokens: int | None = None,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, max_queued_prompt_tokens: int | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.lock = threading.Lock()  # held for each runner call
         self.name, self.max_batch_size, self.max_queue = name, max_batch_size, max_queue
         self.prefill_chunk, self.prefix_caching = prefill_chunk, prefix_caching
+        self.max_queued_prompt_tokens = max_queued_prompt_tokens
         self.kv_cache_tokens = kv_cache_tokens or default_kv_tokens(max_batch_size, runner.max_context)
         self._scheduler: Scheduler | None = None
         self._kv: KVCacheManager | None = None
@@ -127,7 +128,8 @@ class Engine:
                 self._kv = kv
                 self._scheduler = Scheduler(self.runner, self.tokenizer, kv, runner_lock=self.lock, name=self.name,
                                             max_batch_size=self.max_batch_size, max_queue=self.max_queue,
-                                            prefill_chunk=self.prefill_chunk)
+                                            prefill_chunk=self.prefill_chunk,
+                                            max_queued_prompt_tokens=self.max_queued_prompt_tokens)
             return self._scheduler
 
     @property
@@ -163,6 +165,16 @@ class Engine:
         return {"queued": scheduler.queue_depth, "running": scheduler.running, "prefilling": scheduler.prefilling,
                 "prefill_tokens_pending": scheduler.prefill_tokens_pending}
 
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work and made no progress (0 if it moves, idles or never ran)."""
+        scheduler = self._scheduler
+        return 0.0 if scheduler is None else scheduler.stalled_for()
+
+    def fail_stalled(self, seconds: float) -> int:
+        """Fail the requests stuck on a stalled engine (``EngineStalledError``); returns how many."""
+        scheduler = self._scheduler
+        return 0 if scheduler is None else scheduler.fail_stalled(seconds)
+
     def cache_stats(self) -> dict[str, float]:
         """The KV cache's use and the prefix cache's savings (empty before the first request)."""
         kv = self._kv
@@ -183,6 +195,11 @@ class Engine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise OptionsError("generation", "the prompt is empty")
+        if not isinstance(prompt, str):
+            vocab = self.tokenizer.vocab_size
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise OptionsError("prompt", f"token id {bad!r} is not in the vocabulary (0..{vocab - 1})")
         if limit is not None and len(ids) > limit:
             raise PromptTooLongError(len(ids), limit, "this server accepts at most")
         if len(ids) >= self.runner.max_context:

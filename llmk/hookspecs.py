@@ -110,10 +110,12 @@ def model_state_changed(name: str, version: int, state: str, previous: str, deta
 def model_alert(name: str, version: int, alert: dict[str, Any]) -> None:
     """Observer: an alert rule of the kernel changed state for ``version`` of ``name``.
 
-    ``alert`` has ``metric`` (e.g. ``ttft_p95_seconds``, ``error_rate``),
-    ``value``, ``threshold`` and ``state``: "firing" when the metric crossed
-    above the threshold, "resolved" when it fell back. Edge-triggered: one
-    call per crossing, not one per request.
+    ``alert`` has ``metric`` (e.g. ``ttft_p95_seconds``, ``error_rate``, or the
+    watchdog's ``engine_stalled_seconds``: the engine has had work and made no
+    progress for longer than the kernel's ``stall_timeout``), ``value``,
+    ``threshold`` and ``state``: "firing" when the metric crossed above the
+    threshold, "resolved" when it fell back. Edge-triggered: one call per
+    crossing, not one per request.
     """
 
 

@@ -56,7 +56,10 @@ class Kernel:
     the ``model_alert`` hook; ``reap_interval`` is how often idle models past
     their keep-alive are unloaded (0: only when ``reap()`` is called);
     ``max_queue`` is how many requests may wait per model before
-    ``QueueFullError``; ``clock`` (monotonic seconds) is injectable for tests.
+    ``QueueFullError``; ``stall_timeout`` (seconds; ``None`` turns the watchdog
+    off) is how long an engine may have work and make no progress before it is
+    reported and its requests fail (``Lifecycle.check_stalls``); ``clock``
+    (monotonic seconds) is injectable for tests.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Kernel:
         alerts: Iterable[AlertRule] = (),
         reap_interval: float = 5.0,
         max_queue: int = 1024,
+        stall_timeout: float | None = 120.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.plugins = Plugins(disable=disable, autoload=autoload, plugins=plugins)
@@ -81,6 +85,8 @@ class Kernel:
                                    clock=clock, drain_timeout=drain_timeout, wait_timeout=wait_timeout,
                                    alerts=list(alerts))
         self._reaper = _Reaper(self.lifecycle, reap_interval) if reap_interval > 0 else None
+        self.stall_timeout = stall_timeout
+        self._watchdog = _Watchdog(self.lifecycle, stall_timeout) if stall_timeout else None
 
     # -- serving ---------------------------------------------------------------
     def load(self, name: str, source: str | None = None, *, pinned: bool = False, keep_alive: float | None = None,
@@ -97,6 +103,8 @@ class Kernel:
         loads of the same spec share one load.
         """
         spec = ModelSpec.build(f"model {name!r}", source=source, **fields)
+        if self._watchdog is not None:
+            self._watchdog.start()
         self.lifecycle.load(name, spec, pinned=pinned, keep_alive=keep_alive)
         if self._reaper is not None and keep_alive is not None:
             self._reaper.start()
@@ -155,6 +163,8 @@ class Kernel:
         ``drain_timeout``) for its running requests."""
         if self._reaper is not None:
             self._reaper.stop()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         self.lifecycle.close(timeout)
 
     def __enter__(self) -> Kernel:
@@ -209,7 +219,8 @@ class Kernel:
         version.engine = Engine(runner, Tokenizer(plan.source.tokenizer_dir, source=spec.source), name=version.name,
                                 max_batch_size=spec.max_batch_size, max_queue=self.max_queue,
                                 prefill_chunk=spec.prefill_chunk, kv_cache_tokens=kv_tokens,
-                                prefix_caching=spec.prefix_caching)
+                                prefix_caching=spec.prefix_caching,
+                                max_queued_prompt_tokens=spec.max_queued_prompt_tokens)
         if plan.built and spec.max_ppl_increase is not None:
             try:
                 version.quality = self._quality_gate(version, plan.base, plan.backend, version.device,
@@ -395,6 +406,21 @@ class _Reaper:
                 self.lifecycle.reap()
             except Exception as error:  # keep reaping; the next pass may succeed
                 log.error("model.reap_failed", error=str(error))
+
+
+class _Watchdog(_Reaper):
+    """A daemon thread that reports engines stuck with work (``Lifecycle.check_stalls``)."""
+
+    def __init__(self, lifecycle: Lifecycle, timeout: float):
+        super().__init__(lifecycle, min(5.0, timeout / 4))
+        self.timeout = timeout
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.lifecycle.check_stalls(self.timeout)
+            except Exception as error:  # keep watching
+                log.error("model.watch_failed", error=str(error))
 
 
 def _kv_tokens(spec: ModelSpec, bytes_per_token: int, max_context: int) -> int:

@@ -189,7 +189,7 @@ class KVCacheManager:
         needed = self.blocks_for(max_length)
         if self.contiguous:
             slot, own = self._pick_slot(hashes)
-            sources = self._copy_sources(hashes, own)
+            sources = self._copy_sources(hashes, own, slot)
             # Every block of the sequence becomes used (reused in place, copied in, or new),
             # and cached copy sources are held while they are read.
             cost = needed + sum(1 for b in sources if self._refs[b] == 0)
@@ -368,14 +368,16 @@ class KVCacheManager:
         assert best is not None
         return best, best_own
 
-    def _copy_sources(self, hashes: list[bytes], own: int) -> list[int]:
-        """Blocks in other slots holding the prefix blocks after the first ``own``."""
+    def _copy_sources(self, hashes: list[bytes], own: int, slot: int) -> list[int]:
+        """Blocks in other slots holding the prefix blocks after the first ``own``. A
+        block of ``slot`` itself is never a source: it is where a copy would go (it can
+        still hold a later prefix block after an earlier one was evicted)."""
         sources = []
         for key in hashes[own:]:
-            holders = self._by_hash.get(key)
-            if not holders:
+            holder = next((b for b in self._by_hash.get(key, ()) if b // self.per_slot != slot), None)
+            if holder is None:
                 break
-            sources.append(next(iter(holders)))
+            sources.append(holder)
         return sources
 
     def _attach_contiguous(self, allocation: KVAllocation, hashes: list[bytes], own: int,

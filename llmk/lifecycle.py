@@ -70,6 +70,7 @@ class ModelVersion:
     loaded_at: float = 0.0  # wall-clock time
     last_used: float = 0.0  # the lifecycle's clock (monotonic), for eviction and keep-alive
     failure: str | None = None
+    stalled_since: float | None = None  # wall-clock time of its engine's last progress, while stalled
     stats: RequestStats = field(default_factory=RequestStats)
     plan: Any = field(default=None, repr=False)  # the kernel's build plan, between its steps
     _leases: int = 0
@@ -136,6 +137,8 @@ class ModelVersion:
             **backlog,
             **(engine.cache_stats() if engine is not None else {}),
             "failure": self.failure,
+            "stalled_since": self.stalled_since,
+            "stalled_seconds": round(engine.stalled_for(), 3) if engine is not None else 0.0,
             **self.stats.snapshot(),
         }
 
@@ -317,6 +320,38 @@ class Lifecycle:
         for version in expired:
             self._evict(version, "expired")
         return [v.name for v in expired]
+
+    def check_stalls(self, timeout: float) -> list[str]:
+        """The watchdog's pass: a serving version whose engine has had work and made
+        no progress for over ``timeout`` seconds is reported (the ``model.stalled``
+        event, a ``model_alert`` with ``metric="engine_stalled_seconds"``, and its
+        status's ``stalled_since``) and the requests waiting on it fail with
+        ``EngineStalledError``, on every pass while it stays stalled; when it moves
+        again the alert resolves. Returns the names stalled now."""
+        with self._lock:
+            versions = list(self._current.values())
+        stalled = []
+        for version in versions:
+            engine = version.engine
+            seconds = engine.stalled_for() if engine is not None else 0.0
+            if seconds > timeout:
+                stalled.append(version.name)
+                failed = engine.fail_stalled(seconds) if engine is not None else 0
+                if version.stalled_since is None:
+                    version.stalled_since = time.time() - seconds
+                    log.error("model.stalled", model=version.name, version=version.number,
+                              seconds=round(seconds, 1), failed_requests=failed)
+                    self._stall_alert(version, seconds, timeout, "firing")
+            elif seconds == 0.0 and version.stalled_since is not None:
+                version.stalled_since = None
+                log.warning("model.recovered", model=version.name, version=version.number)
+                self._stall_alert(version, 0.0, timeout, "resolved")
+        return stalled
+
+    def _stall_alert(self, version: ModelVersion, seconds: float, timeout: float, state: str) -> None:
+        alert = {"metric": "engine_stalled_seconds", "value": round(seconds, 1), "threshold": timeout,
+                 "state": state}
+        self.notify("model_alert", name=version.name, version=version.number, alert=alert)
 
     def close(self, timeout: float | None = None) -> None:
         for name in self.names():

@@ -28,8 +28,13 @@ if TYPE_CHECKING:
     import numpy as np
 
 
+#: A temperature below this samples greedily (dividing by it would overflow the logits).
+GREEDY_BELOW = 1e-5
+
+
 class SamplingParams(BaseModel):
-    """How to pick tokens. ``temperature=0`` is greedy; a ``seed`` makes sampling reproducible."""
+    """How to pick tokens. ``temperature=0`` (or below ``GREEDY_BELOW``) is greedy; a
+    ``seed`` makes sampling reproducible."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,7 +50,7 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     #: transformers' (CTRL's): logits of tokens in the prompt or the output are
     #: divided by it when positive, multiplied when negative. 1 is off.
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     #: Token id -> a value added to its logit (-100 bans it, 100 all but forces it).
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(default_factory=dict)
     #: Report the log-probability of each generated token, and of the ``top_logprobs`` likeliest.
@@ -214,7 +219,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     """Pick the next token from one row of logits."""
     import numpy as np
 
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(np.argmax(logits))
     scores = logits.astype(np.float64) / params.temperature
     if 0 < params.top_k < scores.shape[-1]:

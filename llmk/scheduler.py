@@ -61,13 +61,18 @@ ATTENTION_SPAN = 2048
 class QueueFullError(LlmkError):
     """A model's request queue is full; the caller should retry later."""
 
-    def __init__(self, model: str, depth: int):
+    def __init__(self, model: str, depth: int, limit: int | None = None, *, why: str | None = None):
         self.model, self.depth = model, depth
-        super().__init__(f"model {model!r} has {depth} requests waiting, its queue limit; retry later")
+        why = why or f"{depth} requests waiting, its queue limit ({limit} beyond a full batch)"
+        super().__init__(f"model {model!r} has {why}; retry later")
 
 
 class EngineClosedError(LlmkError):
     """The model was unloaded (or its engine stopped) while a request was queued or running."""
+
+
+class EngineStalledError(LlmkError):
+    """The model's engine made no progress for too long while this request waited on it."""
 
 
 class _ThreadChannel:
@@ -188,10 +193,12 @@ class Scheduler:
     """
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer, kv: KVCacheManager, *, runner_lock: threading.Lock,
-                 name: str = "model", max_batch_size: int = 8, max_queue: int = 1024, prefill_chunk: int = 256):
+                 name: str = "model", max_batch_size: int = 8, max_queue: int = 1024, prefill_chunk: int = 256,
+                 max_queued_prompt_tokens: int | None = None):
         self.runner, self.tokenizer, self.kv, self.runner_lock = runner, tokenizer, kv, runner_lock
         self.name = name
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
+        self.max_queued_prompt_tokens = max_queued_prompt_tokens
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # in admission order
         self._wake = threading.Condition()
@@ -200,6 +207,8 @@ class Scheduler:
         self.prefilling = 0
         self.prefill_tokens_pending = 0
         self.steps = 0  # engine steps run, for tests and metrics
+        #: ``time.monotonic()`` of the engine's last sign of life (a step done, or idle).
+        self.progress_at = time.monotonic()
         #: (decode rows, prompt tokens) of the most recent steps, last one last.
         self.recent_steps: deque[tuple[int, int]] = deque(maxlen=1024)
 
@@ -223,7 +232,15 @@ class Scheduler:
                 raise EngineClosedError(f"model {self.name!r} is shutting down")
             free_slots = max(0, self.max_batch_size - len(self._running))
             if len(self._waiting) >= self.max_queue + free_slots:  # the batch is full and so is the queue
-                raise QueueFullError(self.name, len(self._waiting))
+                raise QueueFullError(self.name, len(self._waiting), self.max_queue)
+            # (an estimate: the engine thread may be computing some of the running prompts now)
+            pending = (sum(r.sequence.pending_prompt for r in list(self._running))
+                       + sum(len(r.sequence.prompt_ids) for r in self._waiting))
+            budget = self.max_queued_prompt_tokens
+            if budget is not None and pending and pending + len(prompt_ids) > budget:
+                raise QueueFullError(self.name, len(self._waiting), why=(
+                    f"{pending} prompt tokens waiting to be computed; this one's {len(prompt_ids)} would pass "
+                    f"its budget of {budget} (max_queued_prompt_tokens)"))
             self._waiting.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"llmk-engine-{self.name}", daemon=True)
@@ -241,6 +258,27 @@ class Scheduler:
         """Requests admitted: prefilling or decoding."""
         return len(self._running)
 
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work and made no progress (0 when it moves or idles)."""
+        with self._wake:
+            busy = bool(self._waiting or self._running)
+        return max(0.0, time.monotonic() - self.progress_at) if busy else 0.0
+
+    def fail_stalled(self, seconds: float) -> int:
+        """Fail every request waiting on a stalled engine with ``EngineStalledError``
+        (the watchdog calls it from its own thread); returns how many. Running ones
+        are also cancelled, so that the engine drops them if it ever moves again."""
+        error = EngineStalledError(f"model {self.name!r} made no progress for {seconds:.0f} s; its request was "
+                                   "failed by the watchdog")
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+            running = list(self._running)
+        for request in waiting + running:
+            if request.finished is None:
+                request.cancel()
+                request._fail(error)
+        return len(waiting) + len(running)
+
     def close(self) -> None:
         """Stop the thread; requests still queued or running fail."""
         with self._wake:
@@ -256,11 +294,13 @@ class Scheduler:
             while True:
                 with self._wake:
                     while not self._closed and not self._waiting and not self._running:
+                        self.progress_at = time.monotonic()
                         self._wake.wait()
                     if self._closed:
                         break
                     self._admit()
                 self._step()
+                self.progress_at = time.monotonic()
         except BaseException as error:  # a bug: nobody may be left waiting for this thread
             log.error("engine.crashed", model=self.name, error=repr(error))
             failure = error

@@ -85,6 +85,9 @@ class ModelSpec(BaseModel):
         None, description="KV cache capacity: token positions (an int) or a size ('512MiB'); "
                           "default 1024 positions per sequence in flight, at least one full context up to 8192")
     prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes computed before")
+    max_queued_prompt_tokens: int = Field(
+        65536, ge=1, description="prompt tokens that may wait to be computed (queued or prefilling); a request "
+                                 "beyond it is refused as the queue is full (429), not stalled behind them")
     max_ppl_increase: float | None = Field(
         None, ge=0.0, description="quality gate for the passes: allowed relative perplexity increase (0.01 = +1%)"
     )
@@ -107,6 +110,8 @@ class ModelSpec(BaseModel):
             return ()
         if isinstance(value, (str, dict)):
             value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list of passes, not {type(value).__name__}")
         return tuple(PassSpec.parse(item) for item in value)
 
     @classmethod

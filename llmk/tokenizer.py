@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
-from llmk.errors import SourceError, UnsupportedError
+from llmk.errors import OptionsError, SourceError, UnsupportedError
 
 
 class Tokenizer:
@@ -20,6 +21,9 @@ class Tokenizer:
         self.eos_ids = _eos_ids(directory, self._tok)
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
         self.max_length = _max_length(directory, self._tok)
+        # Encoding sets the Rust tokenizer's padding and truncation, which are shared state:
+        # a padded batch in one thread and an encode in another would cross (ragged batches).
+        self._lock = threading.Lock()
 
     @property
     def hf_tokenizer(self) -> Any:
@@ -37,7 +41,9 @@ class Tokenizer:
         return self._tok.decode([token], skip_special_tokens=False)
 
     def encode(self, text: str, *, special: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=special))
+        check_text(text)
+        with self._lock:
+            return list(self._tok.encode(text, add_special_tokens=special))
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
@@ -51,15 +57,41 @@ class Tokenizer:
         """The prompt's ids; ``extra`` goes to the template (``tools=`` where it renders them)."""
         if not getattr(self._tok, "chat_template", None):
             raise UnsupportedError("this model has no chat template; use generate() with a plain prompt")
-        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
+        for i, message in enumerate(messages):
+            for key, value in message.items():
+                if isinstance(value, str):
+                    check_text(value, f"messages[{i}].{key}")
+        with self._lock:
+            ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
 
     def batch(self, texts: list[str]) -> tuple[Any, Any]:
-        """Padded ``input_ids`` and ``attention_mask`` (NumPy), truncated to ``max_length``."""
-        enc = self._tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+        """Padded ``input_ids`` and ``attention_mask`` (NumPy); a text longer than
+        ``max_length`` tokens is refused, never cut short without a word."""
+        for i, text in enumerate(texts):
+            check_text(text, f"input[{i}]")
+        with self._lock:
+            enc = self._tok(texts, padding=True, truncation=False, return_tensors="np")
+        lengths = enc["attention_mask"].sum(axis=1)
+        for i, length in enumerate(lengths):
+            if length > self.max_length:
+                raise OptionsError(f"input[{i}]", f"it is {int(length)} tokens; this model reads at most "
+                                   f"{self.max_length}")
         return enc["input_ids"], enc["attention_mask"]
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """Refuse text that is not Unicode a tokenizer can read: a lone UTF-16 surrogate
+    (JSON's ``"\ud800"`` decodes to one) cannot become UTF-8."""
+    if not isinstance(text, str):
+        raise OptionsError(what, f"expected a string, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise OptionsError(what, f"it holds a lone surrogate (U+{ord(text[error.start]):04X}) at character "
+                           f"{error.start}, which is not valid Unicode text") from None
 
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")

@@ -85,7 +85,7 @@ def metric(daemon: ServeProcess, name: str, **labels: str) -> float:
 def managed(tiny_llama, tmp_path_factory):
     directory = tmp_path_factory.mktemp("admin")
     daemon, _ = start(directory, f"""
-server: {{port: 0, admin_token_env: {TOKEN_ENV}}}
+server: {{port: 0, admin_token_env: {TOKEN_ENV}, model_roots: ["{tmp_path_factory.getbasetemp()}"]}}
 plugins: {{autoload: false}}
 models:
   chat: {{source: {tiny_llama}, backend: torch}}
@@ -148,9 +148,23 @@ def test_admin_lists_loads_swaps_and_unloads(managed, tiny_llama, tiny_bert, tmp
     assert admin(managed, "PUT", "/admin/models/nope", json={"source": str(tiny_llama)}).status_code == 404
 
 
+def test_admin_loads_paths_only_under_the_model_roots(managed, tmp_path_factory):
+    inside = tmp_path_factory.getbasetemp() / "no-such-model"
+    response = admin(managed, "POST", "/admin/models", json={"name": "x", "source": str(inside)})
+    assert response.status_code == 400 and str(inside) in response.json()["error"]["message"]
+    answers = []
+    for outside in ("/etc", "/no/such/model", "/etc/passwd", f"{tmp_path_factory.getbasetemp()}/../outside"):
+        for method, path, body in [("POST", "/admin/models", {"name": "x", "source": outside}),
+                                   ("PUT", "/admin/models/chat", {"source": outside})]:
+            response = admin(managed, method, path, json=body)
+            assert response.status_code == 403, response.text
+            answers.append(response.json()["error"]["message"].replace(outside, "PATH"))
+    assert len(set(answers)) == 1 and "model_roots" in answers[0]  # existence is not told apart
+    assert served(managed) == ["chat"]
+
+
 @pytest.mark.parametrize("body, problem", [
     ({"source": "/no/such/model"}, "name"),
-    ({"name": "x", "source": "/no/such/model"}, "/no/such/model"),
     ({"name": "x", "source": "builtin:smollm2", "backend": "nope"}, "unknown backend 'nope'"),
     ({"name": "x", "source": "builtin:smollm2", "max_batch_size": 0}, "max_batch_size"),
     ({"name": "a/b", "source": "builtin:smollm2"}, "name"),

@@ -210,3 +210,31 @@ class CacheMachine(RuleBasedStateMachine):
 
 CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestCacheMachine = CacheMachine.TestCase
+
+
+def test_a_slot_never_copies_from_itself_after_a_partial_eviction():
+    # Found by the soak run: slot 0 caches a prompt's blocks 0-2, loses block 1 to LRU
+    # eviction, and slot 1 caches all three. A new sequence of that prompt placed in slot 0
+    # reuses block 0 in place and must copy blocks 1 and 2 from slot 1, never "copy" its own
+    # stale block 2 onto itself ("block 2 of slot 0 is already in use").
+    kv, contents = manager(contiguous=True, capacity=12, slots=2, context=32)
+    prompt = list(range(100, 113))  # 13 tokens: 3 full blocks that may be reused
+    first = kv.admit(prompt, 16)
+    write(kv, contents, first, prompt, 0, 13)
+    kv.commit(first, prompt, 13)
+    second = kv.admit(prompt, 16)  # slot 0 is busy: slot 1, its prefix copied from slot 0
+    assert second.slot != first.slot and second.reused_tokens == 12
+    write(kv, contents, second, prompt, 12, 13)
+    kv.commit(second, prompt, 13)
+    kv.free(second)
+    kv.free(first)
+    stale = first.slot * kv.per_slot + 1  # LRU takes this one block of slot 0 only
+    kv._evictable.pop(stale)
+    kv._unhash(stale)
+    other = kv.admit([7] * 13, 16)  # a different prompt takes slot 1, the one freed longest ago
+    assert other.slot == second.slot
+    again = kv.admit(prompt, 16)
+    assert again.slot == first.slot and again.reused_tokens == 12
+    check_prefix(contents, again, prompt)  # blocks 1 and 2 were copied from slot 1, block 0 kept
+    write(kv, contents, again, prompt, 12, 13)
+    check_prefix(contents, again, prompt)

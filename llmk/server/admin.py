@@ -10,6 +10,10 @@ variable that ``server.admin_token_env`` names (without a token there it is off)
 - ``POST /admin/reload``: reload the config file now (what SIGHUP does), and
   answer what changed, or why the file was refused.
 
+A token holder may load ``builtin:`` models, plugins' sources, the paths the config
+file names and paths under ``server.model_roots``; any other path is a 403 that
+says the same whether or not the path exists.
+
 Each call returns when the change is done: a load answers once the model serves.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -62,6 +67,23 @@ def router(daemon: Daemon) -> APIRouter:
         except Exception as error:
             raise api_error(error) from None
 
+    def allowed(source: str) -> None:
+        """Refuse a local path outside ``server.model_roots`` and the config file's own
+        sources: the same 403 whether or not anything exists there."""
+        if "\x00" in source:
+            raise ApiError(400, "source: a NUL character cannot be in a path or a source name", param="source")
+        if not _is_path(source):
+            return  # builtin: or a plugin's scheme: no file system behind the caller's string
+        path = os.path.realpath(os.path.expanduser(source))
+        roots = [os.path.realpath(os.path.expanduser(root)) for root in daemon.config.server.model_roots]
+        named = {os.path.realpath(os.path.expanduser(m.source)) for m in daemon.config.models.values()
+                 if _is_path(m.source)}
+        if path in named or any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+            return
+        raise ApiError(403, f"source {source!r} is not under a directory this server loads from "
+                       "(server.model_roots) nor named in its config file", "permission_error",
+                       param="source", code="source_not_allowed")
+
     @admin.get("/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": versions()}
@@ -76,6 +98,7 @@ def router(daemon: Daemon) -> APIRouter:
         else:
             raise ApiError(409, f"model {body.name!r} exists; PUT /admin/models/{body.name} swaps it",
                            param="name", code="model_exists")
+        allowed(body.source)
         config = ModelConfig.model_validate(body.model_dump(exclude={"name"}))
         await run(daemon.load, body.name, config)
         return current(body.name)
@@ -84,6 +107,7 @@ def router(daemon: Daemon) -> APIRouter:
     async def swap_model(request: Request, name: str, body: ModelConfig) -> dict[str, Any]:
         await run(daemon.kernel.get, name)  # 404 for an unknown name, before any work
         note(request, model=name)
+        allowed(body.source)
         await run(daemon.load, name, body)
         return current(name)
 
@@ -102,3 +126,9 @@ def router(daemon: Daemon) -> APIRouter:
         return report.as_dict()
 
     return admin
+
+
+def _is_path(source: str) -> bool:
+    """A local path, as opposed to ``builtin:NAME`` or a plugin's ``scheme:NAME``."""
+    scheme, colon, _ = source.partition(":")
+    return not colon or "/" in scheme or "\\" in scheme or len(scheme) == 1  # (a drive letter)

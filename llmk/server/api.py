@@ -90,7 +90,10 @@ def router(daemon: Daemon) -> APIRouter:
     def sampling(body: GenerationBody) -> dict[str, Any]:
         """The library parameters of a generation request, refused here (400) when bad."""
         body.check()
-        limit = daemon.config.server.max_completion_tokens
+        server = daemon.config.server
+        if body.n > server.max_choices:
+            raise ApiError(400, f"n={body.n} is more than this server allows ({server.max_choices})", param="n")
+        limit = server.max_completion_tokens
         max_tokens = body.max_completion_tokens or body.max_tokens or min(256, limit)
         if max_tokens > limit:
             raise ApiError(400, f"max_tokens={max_tokens} is more than this server allows ({limit})",
@@ -226,6 +229,10 @@ def router(daemon: Daemon) -> APIRouter:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if any(not t for t in texts):
             raise ApiError(400, "input: every text must be non-empty", param="input")
+        limit = daemon.config.server.max_embedding_inputs
+        if len(texts) > limit:
+            raise ApiError(400, f"input: {len(texts)} texts; this server embeds at most {limit} per request",
+                           param="input")
         vectors, tokens = await call(lambda: (model.embed(texts), sum(model.count_tokens(t) for t in texts)))
         note(request, tokens_in=tokens)
         if body.encoding_format == "base64":

@@ -74,7 +74,7 @@ class Daemon:
                              autoload=self.config.plugins.autoload, memory_budget=k.memory_budget,
                              drain_timeout=k.drain_timeout, wait_timeout=k.wait_timeout,
                              alerts=[a.rule() for a in k.alerts], max_queue=self.config.server.max_queue,
-                             plugins=[self.metrics])
+                             stall_timeout=self.config.server.stall_timeout, plugins=[self.metrics])
         self.metrics.bind(self.kernel)
         self.admin_token = os.environ.get(self.config.server.admin_token_env) or None
         self.failures: dict[str, str] = {}  # configured models whose last load failed

@@ -7,8 +7,12 @@ come back (``Retry-After``).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from starlette.responses import JSONResponse
+
+from llmk.cache import CacheFullError
 from llmk.errors import (
     BackendUnavailableError,
     LlmkError,
@@ -25,7 +29,7 @@ from llmk.errors import (
 )
 from llmk.generation import PromptTooLongError
 from llmk.logs import get_logger
-from llmk.scheduler import QueueFullError
+from llmk.scheduler import EngineClosedError, EngineStalledError, QueueFullError
 
 log = get_logger("llmk.server")
 
@@ -51,6 +55,12 @@ def api_error(error: Exception) -> ApiError:
         return ApiError(404, str(error), param="model", code="model_not_found")
     if isinstance(error, QueueFullError):
         return ApiError(429, str(error), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(error, EngineStalledError):  # the watchdog failed it: the model is stuck
+        return ApiError(503, str(error), "server_error", code="model_stalled", headers={"Retry-After": "30"})
+    if isinstance(error, EngineClosedError):  # unloaded or swapped out under the request
+        return ApiError(503, str(error), "server_error", code="model_unloaded", headers={"Retry-After": "1"})
+    if isinstance(error, CacheFullError):  # the server's disk, not the request
+        return ApiError(507, str(error), "server_error", code="insufficient_storage")
     if isinstance(error, ModelNotReadyError):
         return ApiError(503, str(error), "server_error", code="model_loading", headers={"Retry-After": "5"})
     if isinstance(error, MemoryBudgetError):  # the budget is taken by models that may not be evicted
@@ -68,3 +78,15 @@ def api_error(error: Exception) -> ApiError:
         return ApiError(500, str(error), "server_error")
     log.error("request.failed", error=repr(error))
     return ApiError(500, f"internal error: {type(error).__name__}", "server_error")
+
+
+class _ErrorJSON(JSONResponse):
+    """An error body, as ASCII JSON: its message may quote what the client sent, lone
+    surrogates included, which UTF-8 cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return _ErrorJSON(error.body(), status_code=error.status, headers=error.headers)

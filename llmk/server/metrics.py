@@ -122,6 +122,8 @@ class _KernelCollector:
         running = gauge("requests_running", "Generations admitted: prefilling or decoding", ["model"])
         prefilling = gauge("requests_prefilling", "Generations whose prompt is still being computed", ["model"])
         pending = gauge("prefill_tokens_pending", "Prompt tokens admitted and not computed yet", ["model"])
+        stalled = gauge("engine_stalled_seconds", "Seconds a model's engine has had work and made no progress "
+                        "(the watchdog fails its requests past server.stall_timeout)", ["model"])
         kv = gauge("kv_cache_tokens", "KV cache positions: capacity, used by running sequences, reserved for "
                    "them to grow into, and cached prefixes no sequence holds", ["model", "kind"])
         prefix = CounterMetricFamily(f"{PREFIX}_prefix_cache_tokens", "Prompt tokens looked up in the prefix "
@@ -139,12 +141,13 @@ class _KernelCollector:
                 running.add_metric([model], status["running"])
                 prefilling.add_metric([model], status["prefilling"])
                 pending.add_metric([model], status["prefill_tokens_pending"])
+                stalled.add_metric([model], status["stalled_seconds"])
                 if "kv_capacity_tokens" in status:
                     for kind in ("capacity", "used", "reserved", "cached"):
                         kv.add_metric([model, kind], status[f"kv_{kind}_tokens"])
                     prefix.add_metric([model, "looked_up"], status["prefix_cache_prompt_tokens"])
                     prefix.add_metric([model, "reused"], status["prefix_cache_reused_tokens"])
-        yield from (queued, running, prefilling, pending, kv, prefix, active, memory, state)
+        yield from (queued, running, prefilling, pending, stalled, kv, prefix, active, memory, state)
 
         figures = self.kernel.metrics()
         for key, label, doc in (("loads", "result", "Model loads by result"),

@@ -106,14 +106,14 @@ class GenerationBody(Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=128)  # and at most the server's max_choices
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = None
     user: str | None = None
     # llmk's extensions (vLLM's names)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
     regex: str | None = Field(None, min_length=1)
     grammar: str | None = Field(None, min_length=1, description="Lark or GBNF")
 
