@@ -159,7 +159,7 @@ def test_a_full_queue_is_refused(kernel):
     running = engine.submit(ids_of(handle, "Hello"), params)
     next(iter(running))  # admitted: the queue is empty again
     waiting = engine.submit(ids_of(handle, "Hello"), params)
-    with pytest.raises(QueueFullError, match="'m' has 1 requests waiting"):
+    with pytest.raises(QueueFullError, match=r"'m' has 1 requests waiting, its queue limit \(1 beyond a full batch\)"):
         engine.submit(ids_of(handle, "Hello"), params)
     running.cancel()
     waiting.cancel()
