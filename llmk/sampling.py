@@ -155,16 +155,18 @@ class Penalties:
     """OpenAI's presence and frequency penalties, and transformers' repetition penalty."""
 
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]):
+        import numpy as np
+
         self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
         self.repetition = params.repetition_penalty
-        self.prompt_ids = prompt_ids
+        self.prompt_seen = np.unique(np.asarray(prompt_ids, dtype=np.int64))  # once, not at every step
 
     def __call__(self, output_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
         import numpy as np
 
         logits = logits.astype(np.float32, copy=True)
         if self.repetition != 1.0:
-            seen = np.unique(np.asarray([*self.prompt_ids, *output_ids], dtype=np.int64))
+            seen = np.union1d(self.prompt_seen, np.asarray(output_ids, dtype=np.int64))
             picked = logits[seen]
             logits[seen] = np.where(picked > 0, picked / self.repetition, picked * self.repetition)
         if output_ids and (self.presence or self.frequency):

@@ -28,32 +28,6 @@ def kernel(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def q4_grid_llama(tiny_llama, tmp_path_factory):
-    """The tiny llama with its weights snapped to GGUF grids like SmolLM2's built-in
-    ones: projections to Q4_1 (groups of 32, float scale and minimum), the
-    embedding table to Q8_0 (groups of 32, symmetric int8)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    directory = tmp_path_factory.mktemp("q4-grid") / "model"
-    shutil.copytree(tiny_llama, directory)
-    state = load_file(str(directory / "model.safetensors"))
-    for name, weight in state.items():
-        if name.endswith("proj.weight"):
-            groups = weight.reshape(weight.shape[0], -1, 32)
-            # GGUF stores each group's scale and minimum in fp16.
-            low, high = groups.amin(-1, keepdim=True).half().float(), groups.amax(-1, keepdim=True)
-            scale = ((high - low) / 15).half().float()
-            state[name] = (torch.round((groups - low) / scale) * scale + low).reshape(weight.shape)
-        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            groups = weight.reshape(weight.shape[0], -1, 32)
-            scale = (groups.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-4).half().float()
-            state[name] = (torch.round(groups / scale) * scale).reshape(weight.shape)
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    return directory
-
-
-@pytest.fixture(scope="module")
 def tied_llama(tiny_llama, tmp_path_factory):
     """The tiny llama with its output head tied to the embedding table, as in SmolLM2."""
     from safetensors.torch import load_file, save_file

@@ -304,30 +304,9 @@ def test_qwen2_with_biases_yarn_and_wide_heads_matches_transformers(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def q4_grid_onnx(tiny_llama, tmp_path_factory) -> Artifact:
-    """The tiny llama with its weights snapped to GGUF grids like SmolLM2's: projections
-    to Q4_1 (groups of 32, fp16 scale and minimum), the embedding table and the head to
-    Q8_0 (groups of 32, symmetric int8), exported."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    directory = tmp_path_factory.mktemp("q4-grid") / "model"
-    shutil.copytree(tiny_llama, directory)
-    state = load_file(str(directory / "model.safetensors"))
-    for name, weight in state.items():
-        if name.endswith("proj.weight"):
-            groups = weight.reshape(weight.shape[0], -1, 32)
-            low, high = groups.amin(-1, keepdim=True).half().float(), groups.amax(-1, keepdim=True)
-            scale = ((high - low) / 15).half().float()
-            state[name] = (torch.round((groups - low) / scale) * scale + low).reshape(weight.shape)
-        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            groups = weight.reshape(weight.shape[0], -1, 32)
-            scale = (groups.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-4).half().float()
-            state[name] = (torch.round(groups / scale) * scale).reshape(weight.shape)
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    return export(directory, tmp_path_factory.mktemp("q4-grid-onnx") / "fp32")
+def q4_grid_onnx(q4_grid_llama, tmp_path_factory) -> Artifact:
+    """``q4_grid_llama`` (conftest: the tiny llama on SmolLM2's GGUF grids), exported."""
+    return export(q4_grid_llama, tmp_path_factory.mktemp("q4-grid-onnx") / "fp32")
 
 
 def quantized(artifact: Artifact, out: Path, **options) -> Artifact:

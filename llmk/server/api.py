@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from llmk.errors import OptionsError
-from llmk.server.errors import ApiError, api_error
+from llmk.server.errors import ApiError, api_error, timed_out
 from llmk.server.metrics import note
 from llmk.server.requests import ChatBody, CompletionBody, EmbeddingBody, GenerationBody
 
@@ -70,43 +70,60 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _timed_out(seconds: float) -> ApiError:
-    return ApiError(504, f"the request took longer than this server allows ({seconds:g}s)", "server_error",
-                    code="timeout")
+def model_for(daemon: Daemon, request: Request, name: str) -> Any:
+    """The handle of the model a request names (404 when unknown), noted in its log line."""
+    try:
+        model = daemon.kernel.get(name)
+    except Exception as error:
+        raise api_error(error) from None
+    note(request, model=name)
+    return model
+
+
+def generation_params(daemon: Daemon, max_tokens: int | None, param: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A generation's library parameters: ``max_tokens`` settled against the server's cap
+    (default min(256, cap); ``param`` names the request's field), the rest validated
+    here so that bad input is a 400 before a stream's headers go out, and the server's
+    deadline and prompt cap."""
+    from llmk.generation import SamplingParams
+
+    server = daemon.config.server
+    limit = server.max_completion_tokens
+    max_tokens = max_tokens or min(256, limit)
+    if max_tokens > limit:
+        raise ApiError(400, f"{param}={max_tokens} is more than this server allows ({limit})", param=param)
+    params = {"max_tokens": max_tokens, **{k: v for k, v in fields.items() if v is not None}}
+    try:
+        SamplingParams.build(**params)
+    except OptionsError as error:
+        raise ApiError(400, str(error)) from None
+    return {**params, "timeout": server.request_timeout, "max_prompt_tokens": server.max_prompt_tokens}
+
+
+async def bounded(daemon: Daemon, work: Any) -> Any:
+    """Await ``work`` within ``request_timeout`` (a 504 past it), kernel errors as HTTP ones.
+    Generations stop at their own deadline; this bounds everything else (waiting for a load)."""
+    limit = daemon.config.server.request_timeout
+    try:
+        return await asyncio.wait_for(work, limit + 1.0)
+    except TimeoutError:
+        raise timed_out(limit) from None
+    except Exception as error:
+        raise api_error(error) from None
 
 
 def router(daemon: Daemon) -> APIRouter:
     api = APIRouter()
     started = int(time.time())
 
-    def handle(request: Request, name: str) -> Any:
-        try:
-            model = daemon.kernel.get(name)
-        except Exception as error:
-            raise api_error(error) from None
-        note(request, model=name)
-        return model
-
     def sampling(body: GenerationBody) -> dict[str, Any]:
         """The library parameters of a generation request, refused here (400) when bad."""
         body.check()
-        server = daemon.config.server
-        if body.n > server.max_choices:
-            raise ApiError(400, f"n={body.n} is more than this server allows ({server.max_choices})", param="n")
-        limit = server.max_completion_tokens
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(256, limit)
-        if max_tokens > limit:
-            raise ApiError(400, f"max_tokens={max_tokens} is more than this server allows ({limit})",
-                           param="max_tokens")
-        params = {"max_tokens": max_tokens, **body.sampling()}
-        from llmk.generation import SamplingParams
-
-        try:
-            SamplingParams.build(**params)  # refused here, before a stream's headers are sent
-        except OptionsError as error:
-            raise ApiError(400, str(error)) from None
-        return {**params, "timeout": daemon.config.server.request_timeout,
-                "max_prompt_tokens": daemon.config.server.max_prompt_tokens}
+        if body.n > daemon.config.server.max_choices:
+            raise ApiError(400, f"n={body.n} is more than this server allows ({daemon.config.server.max_choices})",
+                           param="n")
+        return generation_params(daemon, body.max_completion_tokens or body.max_tokens, "max_tokens",
+                                 body.sampling())
 
     def seeded(params: dict[str, Any], row: int) -> dict[str, Any]:
         """Choice ``row``'s parameters: its own seed stream when the request is seeded."""
@@ -116,28 +133,18 @@ def router(daemon: Daemon) -> APIRouter:
 
     async def call(function: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a blocking call (embeddings) in a thread, bounded by ``request_timeout``."""
-        return await bounded(asyncio.to_thread(function, *args, **kwargs))
-
-    async def bounded(work: Any) -> Any:
-        # Generations stop at their own deadline; this bounds everything else (waiting for a load).
-        limit = daemon.config.server.request_timeout
-        try:
-            return await asyncio.wait_for(work, limit + 1.0)
-        except TimeoutError:
-            raise _timed_out(limit) from None
-        except Exception as error:
-            raise api_error(error) from None
+        return await bounded(daemon, asyncio.to_thread(function, *args, **kwargs))
 
     async def queued(stream: Any) -> Any:
         """A stream validated and queued, so that bad input is a 4xx before any header is sent."""
-        await bounded(stream.start())
+        await bounded(daemon, stream.start())
         return stream
 
     def finished(request: Request, result: Any) -> None:
         note(request, tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens,
              finish_reason=result.finish_reason)
         if result.finish_reason == "timeout":
-            raise _timed_out(daemon.config.server.request_timeout)
+            raise timed_out(daemon.config.server.request_timeout)
 
     def stream(request: Request, events: AsyncIterator[str], streams: list[Any]) -> StreamingResponse:
         return StreamingResponse(_sse(request, events, streams, timeout=daemon.config.server.request_timeout),
@@ -152,12 +159,12 @@ def router(daemon: Daemon) -> APIRouter:
 
     @api.get("/v1/models/{name}")
     async def get_model(request: Request, name: str) -> dict[str, Any]:
-        handle(request, name)
+        model_for(daemon, request, name)
         return model_card(name)
 
     @api.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request, body: ChatBody) -> Any:
-        model = handle(request, body.model)
+        model = model_for(daemon, request, body.model)
         params = sampling(body)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         tools = {"tools": body.tools, "tool_choice": body.tool_choice, "parallel_tool_calls": body.parallel_tool_calls}
@@ -167,7 +174,7 @@ def router(daemon: Daemon) -> APIRouter:
             streams = [await queued(model.achat_stream(messages, **tools, **seeded(params, row)))
                        for row in range(body.n)]
             return stream(request, _chat_events(head, streams, body.include_usage), streams)
-        results = await bounded(model.achat(messages, n=body.n, **tools, **params))
+        results = await bounded(daemon, model.achat(messages, n=body.n, **tools, **params))
         results = results if isinstance(results, list) else [results]
         for result in results:
             finished(request, result)
@@ -184,7 +191,7 @@ def router(daemon: Daemon) -> APIRouter:
 
     @api.post("/v1/completions", response_model=None)
     async def completions(request: Request, body: CompletionBody) -> Any:
-        model = handle(request, body.model)
+        model = model_for(daemon, request, body.model)
         params = sampling(body)
         prompts = body.prompts()
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -196,7 +203,7 @@ def router(daemon: Daemon) -> APIRouter:
             echoes = [await echo(model, prompt, top) if body.echo else None
                       for prompt in prompts for _ in range(body.n)]
             return stream(request, _completion_events(head, streams, echoes, body.n, body.include_usage), streams)
-        results = await bounded(model.agenerate(prompts, n=body.n, **params))
+        results = await bounded(daemon, model.agenerate(prompts, n=body.n, **params))
         choices, prompt_tokens = [], 0
         for i, result in enumerate(results):
             finished(request, result)
@@ -218,14 +225,14 @@ def router(daemon: Daemon) -> APIRouter:
     async def echo(model: Any, prompt: str | list[int], top: int | None) -> tuple[str, dict[str, Any] | None]:
         """The prompt's text for ``echo``, with its tokens' log-probabilities when asked."""
         if top is None:
-            return (prompt if isinstance(prompt, str) else await bounded(asyncio.to_thread(model.decode, prompt))), None
-        entries = await bounded(model.aprompt_logprobs(prompt, top))
+            return (prompt if isinstance(prompt, str) else await call(model.decode, prompt)), None
+        entries = await bounded(daemon, model.aprompt_logprobs(prompt, top))
         text = prompt if isinstance(prompt, str) else "".join(e.token for e in entries)
         return text, completion_logprobs(entries)
 
     @api.post("/v1/embeddings")
     async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
-        model = handle(request, body.model)
+        model = model_for(daemon, request, body.model)
         texts = [body.input] if isinstance(body.input, str) else body.input
         if any(not t for t in texts):
             raise ApiError(400, "input: every text must be non-empty", param="input")
@@ -356,7 +363,7 @@ async def _sse(request: Request, events: AsyncIterator[Any], streams: list[Any],
                 continue
             tokens_out += len(item.token_ids)
             if item.finish_reason == "timeout":
-                raise _timed_out(timeout)
+                raise timed_out(timeout)
             if item.finish_reason:
                 note(request, finish_reason=item.finish_reason)
     except Exception as error:  # headers are sent: report it in the stream, OpenAI-style

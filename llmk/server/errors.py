@@ -47,6 +47,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def timed_out(seconds: float) -> ApiError:
+    """A request that ran past the server's ``request_timeout``."""
+    return ApiError(504, f"the request took longer than this server allows ({seconds:g}s)", "server_error",
+                    code="timeout")
+
+
 def api_error(error: Exception) -> ApiError:
     """The HTTP answer to an error raised by the kernel."""
     if isinstance(error, ApiError):

@@ -19,7 +19,6 @@ no effect, or refused with a 400 that names it (``ResponseBody.check``).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import time
@@ -34,7 +33,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmk.errors import OptionsError
-from llmk.server.errors import ApiError, api_error
+from llmk.server.api import bounded, generation_params, model_for
+from llmk.server.errors import ApiError, api_error, timed_out
 from llmk.server.metrics import note
 from llmk.server.requests import schema_constraint
 
@@ -382,11 +382,6 @@ def _failure_code(error: ApiError) -> str:
     return "invalid_prompt" if error.status == 400 else "server_error"
 
 
-def _timed_out(seconds: float) -> ApiError:
-    return ApiError(504, f"the request took longer than this server allows ({seconds:g}s)", "server_error",
-                    code="timeout")
-
-
 def _cancelled() -> ApiError:
     return ApiError(503, "the server stopped this generation (it is shutting down or unloading the model)",
                     "server_error", code="cancelled", headers={"Retry-After": "5"})
@@ -432,43 +427,12 @@ def router(daemon: Daemon) -> APIRouter:
     api = APIRouter()
     store = ResponseStore()
 
-    def handle(request: Request, name: str) -> Any:
-        try:
-            model = daemon.kernel.get(name)
-        except Exception as error:
-            raise api_error(error) from None
-        note(request, model=name)
-        return model
-
     def sampling(body: ResponseBody) -> dict[str, Any]:
-        """The library's generation parameters, refused here (400) when bad; ``max_tokens``
-        as for chat: capped by ``max_completion_tokens``, 256 (or that cap) when not asked."""
-        from llmk.generation import SamplingParams
-
-        limit = daemon.config.server.max_completion_tokens
-        max_tokens = body.max_output_tokens or min(256, limit)
-        if max_tokens > limit:
-            raise ApiError(400, f"max_output_tokens={max_tokens} is more than this server allows ({limit})",
-                           param="max_output_tokens")
-        params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p}
+        """The library's generation parameters, as for chat (``max_output_tokens`` for ``max_tokens``)."""
+        fields: dict[str, Any] = {"temperature": body.temperature, "top_p": body.top_p}
         if body.text is not None and body.text.format is not None:
-            params |= body.text.format.constraint()
-        params = {k: v for k, v in params.items() if v is not None}
-        try:
-            SamplingParams.build(**params)  # refused here, before a stream's headers are sent
-        except OptionsError as error:
-            raise ApiError(400, str(error)) from None
-        return {**params, "timeout": daemon.config.server.request_timeout,
-                "max_prompt_tokens": daemon.config.server.max_prompt_tokens}
-
-    async def bounded(work: Any) -> Any:
-        limit = daemon.config.server.request_timeout
-        try:
-            return await asyncio.wait_for(work, limit + 1.0)
-        except TimeoutError:
-            raise _timed_out(limit) from None
-        except Exception as error:
-            raise api_error(error) from None
+            fields |= body.text.format.constraint()
+        return generation_params(daemon, body.max_output_tokens, "max_output_tokens", fields)
 
     def stored(ident: str) -> Stored:
         found = store.get(ident)
@@ -478,7 +442,7 @@ def router(daemon: Daemon) -> APIRouter:
 
     @api.post("/v1/responses", response_model=None)
     async def create_response(request: Request, body: ResponseBody) -> Any:
-        model = handle(request, body.model)
+        model = model_for(daemon, request, body.model)
         body.check()
         params = sampling(body)
         tools, calling = tool_options(body)
@@ -502,15 +466,15 @@ def router(daemon: Daemon) -> APIRouter:
                 stream = model.achat_stream([*system, *conversation], **tools, **params)
             except Exception as error:
                 raise api_error(error) from None
-            await bounded(stream.start())  # bad input is a 4xx before any header is sent
+            await bounded(daemon, stream.start())  # bad input is a 4xx before any header is sent
             events = StreamEvents(response, body.max_tool_calls, hold_space=calling)
             return StreamingResponse(_sse(request, stream, events, keep, daemon.config.server.request_timeout),
                                      media_type="text/event-stream")
-        result = await bounded(model.achat([*system, *conversation], **tools, **params))
+        result = await bounded(daemon, model.achat([*system, *conversation], **tools, **params))
         note(request, tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens,
              finish_reason=result.finish_reason)
         if result.finish_reason == "timeout":
-            raise _timed_out(daemon.config.server.request_timeout)
+            raise timed_out(daemon.config.server.request_timeout)
         if result.finish_reason == "cancelled":
             raise _cancelled()
         status = _status(result.finish_reason)
@@ -641,7 +605,7 @@ async def _sse(request: Request, stream: Any, events: StreamEvents, keep: Callab
                     yield line
             finish = chunk.finish_reason or finish
         if finish == "timeout":
-            raise _timed_out(timeout)
+            raise timed_out(timeout)
         if finish in (None, "cancelled"):
             raise _cancelled()
         note(request, finish_reason=finish)
