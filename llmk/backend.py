@@ -75,6 +75,12 @@ class Backend(ABC):
         return missing_modules(cls.requires)
 
     @classmethod
+    def rank(cls, device_type: str, source_format: str) -> int:
+        """``speed_rank`` for a source in ``source_format`` (``hf``, ``gguf``): a backend
+        that serves some formats as they are and converts others may rank them apart."""
+        return cls.speed_rank[device_type]
+
+    @classmethod
     def devices(cls) -> list[str]:
         """Devices this backend can use here, best first. May import the runtime."""
         return ["cpu"] if "cpu" in cls.speed_rank else []
@@ -107,6 +113,14 @@ class Backend(ABC):
         changes the size in other ways (a dtype conversion)."""
         weights = sum(f.stat().st_size for f in artifact.path.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
         return int(weights * self.memory_factor)
+
+    def kv_bytes_per_token(self, config_dir: Path, *, dtype: str, options: BackendOptions) -> int:
+        """KV cache bytes of one token position, read from the model's ``config.json``
+        before loading it (the kernel budgets the cache with it). The default stores
+        keys and values in ``dtype``; override it when the runtime picks its own type."""
+        from llmk.kv import config_bytes_per_token
+
+        return config_bytes_per_token(config_dir, dtype)
 
     @abstractmethod
     def load(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions, cache: Cache) -> Runner:
@@ -187,10 +201,14 @@ class Runner(ABC):
     kv_layout: KVLayout | None = None
 
     # -- the step contract ---------------------------------------------------------
-    def allocate_cache(self, num_blocks: int, num_slots: int) -> None:
+    def allocate_cache(self, num_blocks: int, num_slots: int, capacity_blocks: int | None = None) -> None:
         """Create the KV cache: ``num_blocks`` blocks of ``kv_layout.block_size``
-        positions, for at most ``num_slots`` sequences in flight. Called once,
-        before the first ``forward``; its memory counts in the kernel's budget."""
+        positions, for at most ``num_slots`` sequences in flight, of which at most
+        ``capacity_blocks`` (default all) hold data at once — fewer than
+        ``num_blocks`` in a contiguous layout, whose slots can each reach the whole
+        context; a runtime that allocates positions itself sizes its cache by it.
+        Called once, before the first ``forward``; its memory counts in the kernel's
+        budget."""
         raise UnsupportedError(f"{type(self).__name__} does not generate")
 
     def forward(self, steps: list[SequenceStep]) -> np.ndarray:

@@ -89,6 +89,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def artifact_bytes(path: Path) -> int:
     from llmk.cache import MANIFEST
 
+    if path.is_file():  # a GGUF source is its own artifact
+        return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
 
 

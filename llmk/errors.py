@@ -53,6 +53,15 @@ class BackendUnavailableError(LlmkError):
         super().__init__(f"backend {backend!r} is not available: {reason}{hint}")
 
 
+class RuntimeFailure(LlmkError):
+    """A backend's runtime failed an operation it accepted (out of cache cells, an
+    internal error); the message names the runtime and the operation."""
+
+    def __init__(self, backend: str, problem: str):
+        self.backend, self.problem = backend, problem
+        super().__init__(f"backend {backend!r}: {problem}")
+
+
 class SourceError(LlmkError):
     """A model source that is missing, truncated, corrupt or of an unknown kind."""
 

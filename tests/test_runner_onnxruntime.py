@@ -345,7 +345,9 @@ def smollm2_source() -> Path | None:
     from conftest import shared_cache_dir
 
     with llmk.Kernel(cache_dir=shared_cache_dir(), autoload=False) as kernel:
-        return kernel.plugins.resolve_source("builtin:smollm2", kernel.cache).path
+        from llmk.sources import as_hf
+
+        return as_hf(kernel.plugins.resolve_source("builtin:smollm2", kernel.cache), kernel.cache).path
 
 
 smollm2 = pytest.mark.smollm2

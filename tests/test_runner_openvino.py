@@ -280,7 +280,9 @@ def smollm2():
     import llmk
 
     with llmk.Kernel(cache_dir=shared_cache_dir(), autoload=False) as kernel:
-        source = kernel.plugins.resolve_source("builtin:smollm2", kernel.cache)
+        from llmk.sources import as_hf
+
+        source = as_hf(kernel.plugins.resolve_source("builtin:smollm2", kernel.cache), kernel.cache)
         yield source, kernel.cache, AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
 
 

@@ -123,7 +123,7 @@ class OnnxRuntimeRunner(Runner):
             return DeviceBuffers(shape, 2 * self._layers, self.device)
         return HostBuffers(shape, 2 * self._layers)
 
-    def allocate_cache(self, num_blocks: int, num_slots: int) -> None:
+    def allocate_cache(self, num_blocks: int, num_slots: int, capacity_blocks: int | None = None) -> None:
         self._blocks_per_slot = num_blocks // num_slots
         if self._blocks_per_slot < 1:
             raise UnsupportedError(f"a cache of {num_blocks} blocks has no room for {num_slots} slots")

@@ -164,7 +164,7 @@ class OpenVINORunner(Runner):
         return self._spec
 
     # -- the step contract ---------------------------------------------------------
-    def allocate_cache(self, num_blocks: int, num_slots: int) -> None:
+    def allocate_cache(self, num_blocks: int, num_slots: int, capacity_blocks: int | None = None) -> None:
         # Paged attention needs nothing per slot: every step names its blocks.
         request = self.compiled.create_infer_request()
         self._cache_bytes = self.spec.allocate(request, num_blocks)

@@ -108,7 +108,7 @@ class TorchRunner(Runner):
         return tensor.float().cpu().numpy()
 
     # -- the step contract ---------------------------------------------------------
-    def allocate_cache(self, num_blocks: int, num_slots: int) -> None:
+    def allocate_cache(self, num_blocks: int, num_slots: int, capacity_blocks: int | None = None) -> None:
         shape = (num_blocks * BLOCK_SIZE, self._kv_heads, self._head_dim)
         self._pools = [(torch.zeros(shape, dtype=self._dtype, device=self.device),
                         torch.zeros(shape, dtype=self._dtype, device=self.device))

@@ -121,13 +121,14 @@ def llmk_targets(source: str, pipelines: list[tuple[str, list[str]]], cache_dir:
     not what a run measures); also returns the source's files, for the peers."""
     from llmk.cli import artifact_bytes
     from llmk.kernel import Kernel
+    from llmk.sources import as_hf
 
     targets, files = [], {}
     with Kernel(cache_dir=cache_dir, autoload=False) as kernel:
         for backend, passes in pipelines:
             model = kernel.load("bench", source=source, backend=backend, passes=passes)
             version = model.version
-            files.setdefault("hf", version.plan.source.path)
+            files.setdefault("hf", as_hf(version.plan.source, kernel.cache).path)
             files.setdefault("tokenizer", version.plan.source.tokenizer_dir)
             target = Target("llmk", backend, weights_of(passes), sys.executable,
                             {"engine": "llmk", "source": source, "backend": backend, "passes": passes,

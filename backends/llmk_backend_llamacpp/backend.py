@@ -1,0 +1,98 @@
+"""llama.cpp backend: runs GGUF files as they are, through llama-cpp-python's
+low-level API (``runner.py``). The artifact is the ``.gguf`` itself: a GGUF
+source is never converted, a Hugging Face directory is converted to GGUF once
+(``export.py``), and ``quantize`` re-quantizes with llama.cpp's own quantizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from llmk.artifact import Artifact
+from llmk.backend import Backend, BackendOptions, Runner
+from llmk.cache import Cache
+from llmk.errors import SourceError, UnsupportedError
+
+#: The file inside an export or a pass output; a GGUF source is its own file.
+MODEL_FILE = "model.gguf"
+#: KV cache element types: ggml's type id and bytes per element.
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
+KV_ITEM_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+class LlamaCppOptions(BackendOptions):
+    #: Threads for decoding and for prompt batches; 0: one per core.
+    threads: int = 0
+    #: KV cache element type (llama.cpp's default, half the bytes of fp32).
+    kv_type: Literal["f32", "f16", "q8_0", "q4_0"] = "f16"
+    #: llama.cpp's fused attention kernel (llama-server's default on the CPU). It skips the cells
+    #: of other sequences, so a token's logits do not depend on how many come with it in a step:
+    #: checking drafts gives what decoding one by one gives (off, they differ by rounding).
+    flash_attention: bool = True
+    #: Map the weights from the file instead of reading them into memory: pages are
+    #: shared with the OS cache and a load costs almost nothing.
+    mmap: bool = True
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    artifact_format = "gguf"
+    requires = ("llama_cpp",)
+    install = "pip install 'llmk[llamacpp]'  # compiles llama.cpp, ~10 min on 2 cores"
+    # Resident per byte of GGUF file after warm-up (weights mapped, compute buffers): measured
+    # on SmolLM2 Q4_1, see docs/BENCHMARKS.md.
+    memory_factor: ClassVar[float] = 1.2
+    # Highest on the CPU for GGUF sources (no conversion, llama.cpp's own kernels); an HF source
+    # must first be converted to GGUF, so the graph backends rank above it there.
+    speed_rank: ClassVar[dict[str, int]] = {"cpu": 50, "cuda": 80}
+    Options = LlamaCppOptions
+
+    @classmethod
+    def rank(cls, device_type: str, source_format: str) -> int:
+        rank = cls.speed_rank[device_type]
+        return rank if source_format == "gguf" else rank - 45
+
+    @classmethod
+    def devices(cls) -> list[str]:
+        import llama_cpp
+
+        return ["cuda:0", "cpu"] if llama_cpp.llama_supports_gpu_offload() else ["cpu"]
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        import llama_cpp
+
+        return {**super().versions(), "llama.cpp": llama_cpp.__version__}
+
+    def export(self, source: Artifact, out_dir: Path, *, dtype: str) -> None:
+        from llmk_backend_llamacpp.export import export_gguf
+
+        export_gguf(source, out_dir / MODEL_FILE, dtype=dtype)
+
+    def estimate_memory(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions) -> int:
+        return int(gguf_file(artifact).stat().st_size * self.memory_factor)
+
+    def kv_bytes_per_token(self, config_dir: Path, *, dtype: str, options: LlamaCppOptions) -> int:
+        from llmk.kv import config_bytes_per_token
+
+        return int(config_bytes_per_token(config_dir, "fp32") / 4 * KV_ITEM_BYTES[options.kv_type])
+
+    def load(self, artifact: Artifact, *, device: str, dtype: str, options: LlamaCppOptions,
+             cache: Cache) -> Runner:
+        from llmk_backend_llamacpp.runner import LlamaCppEncoderRunner, LlamaCppRunner, load_model
+
+        if dtype not in ("fp32", "fp16", "bf16"):
+            raise UnsupportedError(f"llamacpp computes in the GGUF's own types; dtype {dtype!r} means nothing to it")
+        path = gguf_file(artifact)
+        model = load_model(artifact.source, path, device, options)
+        if artifact.task == "generate":
+            return LlamaCppRunner(model, path, device, options)
+        return LlamaCppEncoderRunner(model, path, device, options)
+
+
+def gguf_file(artifact: Artifact) -> Path:
+    """The artifact's ``.gguf``: a source is the file itself, a built artifact a directory holding it."""
+    path = artifact.path / MODEL_FILE if artifact.path.is_dir() else artifact.path
+    if not path.is_file():
+        raise SourceError(artifact.source, f"no GGUF file at {path}")
+    return path
