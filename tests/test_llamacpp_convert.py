@@ -124,6 +124,54 @@ def test_tiny_llama_converted_matches_torch(kernel, request, model):
     kernel.unload(f"{model}-torch")
 
 
+@pytest.fixture(scope="module")
+def spm_llama(tmp_path_factory):
+    """A tiny llama with a tokenizer shaped like Llama 2's and TinyLlama's tokenizer.json: BPE
+    with byte fallback over "▁"-joined text (ids 0-2 <unk> <s> </s>, 3-258 the bytes <0x00>-<0xFF>)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from llmk.testing import tiny_corpus
+
+    directory = tmp_path_factory.mktemp("spm") / "model"
+    trainer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    trainer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    trainer.train_from_iterator(tiny_corpus(), trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    spec = json.loads(trainer.to_str())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    spec["model"]["vocab"] = vocab
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(directory))
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(str(directory))
+    return directory
+
+
+def test_byte_fallback_vocabulary_tokenizes_as_hugging_face(kernel, spm_llama):
+    """The Llama 2 / TinyLlama vocabulary (tokenizer.ggml.model "llama"): scores from the merge
+    ranks make llama.cpp's SentencePiece tokenizer merge in Hugging Face's order."""
+    converted = kernel.load("spm-llamacpp", source=str(spm_llama), backend="llamacpp",
+                            options={"kv_type": "f32", "flash_attention": False})
+    reference = kernel.load("spm-torch", source=str(spm_llama), backend="torch")
+    assert_same_greedy_and_logits(converted, reference, "The cat", atol=1e-4)
+    path = gguf_file(converted.version.artifact)
+    fields, _ = read_gguf(path)
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is True
+    assert fields["tokenizer.ggml.token_type"][3:259] == [gguf.TokenType.BYTE] * 256
+    for text in [*TOKENIZER_TEXTS, "Yesterday the dog slept under a big tree while the sun was high."]:
+        assert llama_tokens(path, text) == hf_tokens(spm_llama, text)  # the bytes of 東京 and 🚀 too
+
+
 def test_fp16_export_is_f16_but_norms(kernel, tiny_llama):
     model = kernel.load("tiny-fp16", source=str(tiny_llama), backend="llamacpp", dtype="fp16")
     fields, types = read_gguf(gguf_file(model.version.artifact))
