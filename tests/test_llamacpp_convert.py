@@ -124,6 +124,56 @@ def test_tiny_llama_converted_matches_torch(kernel, request, model):
     kernel.unload(f"{model}-torch")
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    # Llama 3.1's per-frequency scaling (a rope_freqs tensor in the GGUF); the original context
+    # is shrunk to 64 so that the tiny model's 8 frequencies fall in all three bands.
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+], ids=["linear", "llama3"])
+def test_rotary_scaling_converts_exactly(kernel, tiny_llama, tmp_path, rope):
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_llama, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    name = rope["rope_type"]
+    converted = kernel.load(f"{name}-llamacpp", source=str(directory), backend="llamacpp",
+                            options={"kv_type": "f32", "flash_attention": False})
+    reference = kernel.load(f"{name}-torch", source=str(directory), backend="torch")
+    assert_same_greedy_and_logits(converted, reference, "The cat", atol=1e-4)
+    unscaled = kernel.load("unscaled-torch", source=str(tiny_llama), backend="torch")
+    ids = unscaled.version.engine.prompt_ids(TEXT[:300])
+    with reference.version.engine.lock, unscaled.version.engine.lock:  # the scaling changes the logits
+        scaled, plain = reference.version.engine.runner.logits(ids), unscaled.version.engine.runner.logits(ids)
+    assert np.abs(scaled - plain).max() > 0.1
+    fields, types = read_gguf(gguf_file(converted.version.artifact))
+    assert ("rope_freqs.weight" in types) is (name == "llama3")
+    for model in (f"{name}-llamacpp", f"{name}-torch", "unscaled-torch"):
+        kernel.unload(model)
+
+
+def test_bf16_checkpoint_stays_16_bit(kernel, tiny_llama, tmp_path):
+    """fp32 keeps a bf16 checkpoint's own precision (no doubling); fp16 writes f16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_llama, directory)
+    state = load_file(str(directory / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    as_fp32 = kernel.load("bf16-fp32", source=str(directory), backend="llamacpp")
+    fields, types = read_gguf(gguf_file(as_fp32.version.artifact))
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
+    assert {t for name, t in types.items() if not name.endswith("_norm.weight")} == {"BF16"}
+    reference = kernel.load("bf16-torch", source=str(directory), backend="torch")
+    assert as_fp32.perplexity(TEXT) == pytest.approx(reference.perplexity(TEXT), rel=1e-3)
+    as_fp16 = kernel.load("bf16-fp16", source=str(directory), backend="llamacpp", dtype="fp16")
+    assert read_gguf(gguf_file(as_fp16.version.artifact))[0]["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    for model in ("bf16-fp32", "bf16-torch", "bf16-fp16"):
+        kernel.unload(model)
+
+
 @pytest.fixture(scope="module")
 def spm_llama(tmp_path_factory):
     """A tiny llama with a tokenizer shaped like Llama 2's and TinyLlama's tokenizer.json: BPE
