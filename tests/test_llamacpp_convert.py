@@ -371,8 +371,11 @@ def test_smollm2_q4_k_m_falls_back_on_576_wide_rows(real_kernel):
     counts = Counter(types.values())
     # Only ffn_down's 1536-wide rows take K-quants (Q4_K, Q6_K); the 576-wide ones fall back to
     # Q5_0 (for Q4_K) and Q8_0 (for Q6_K, and the embedding table): mostly 5-bit, so the file is
-    # 7% *larger* than the shipped Q4_1 (105.5 MB against 98.4 MB).
-    assert counts == {"Q5_0": 166, "Q4_K": 16, "Q6_K": 14, "Q8_0": 15, "F32": 61}
+    # 7% *larger* than the shipped Q4_1 (105.5 MB against 98.4 MB). Measured with llama.cpp of
+    # llama-cpp-python 0.3.36: Q5_0 166, Q4_K 16, Q8_0 15, Q6_K 14, F32 61.
+    assert set(counts) == {"Q5_0", "Q4_K", "Q6_K", "Q8_0", "F32"}
+    assert counts["Q5_0"] > 3 * (counts["Q4_K"] + counts["Q6_K"])
+    assert all(types[f"blk.{i}.ffn_down.weight"] in ("Q4_K", "Q6_K") for i in range(30))
     assert source.stat().st_size < path.stat().st_size < 1.1 * source.stat().st_size
     data, expected = gguf_data_bytes(path)
     assert expected <= data < expected + 272 * 32
