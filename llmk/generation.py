@@ -4,7 +4,8 @@ Backends only produce logits; everything a user can observe about the output —
 sampling, seeds, stop sequences, streaming, finish reasons, perplexity, pooling —
 happens in the core, once, so all backends behave identically. Generations run
 through the model's ``Scheduler`` (``llmk.scheduler``) over its KV cache
-(``llmk.kv``); scoring and embedding take the runner lock between its steps.
+(``llmk.kv``), drafting tokens ahead where that pays (``llmk.speculative``);
+scoring and embedding take the runner lock between its steps.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmk.errors import OptionsError, UnsupportedError
 from llmk.sampling import LogitsProcessor, SamplingParams, TokenLogprob, TokenMask, sample
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from llmk.backend import Runner
     from llmk.kv import KVCacheManager
     from llmk.scheduler import Request, Scheduler
+    from llmk.speculative import SpeculativeConfig, Speculator
     from llmk.tools import ToolCall
 
 __all__ = ["Engine", "FinishReason", "GenerationResult", "LogitsProcessor", "SamplingParams", "StreamChunk",
@@ -91,12 +93,18 @@ class Engine:
     (``kv_cache_tokens`` positions, default ``default_kv_tokens``) and the
     scheduler: up to ``max_batch_size`` sequences in flight, ``prefill_chunk``
     prompt tokens per step, ``max_queue`` requests waiting, the prefix cache on
-    unless ``prefix_caching`` is off.
+    unless ``prefix_caching`` is off. ``speculative`` says how to draft tokens
+    ahead (default: n-gram prompt lookup); ``draft`` is the draft model's runner
+    for ``method: draft`` (the engine then owns and closes it, and gives it a KV
+    cache of its own with as many positions as the target's).
     """
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer, *, name: str = "model", max_batch_size: int = 8,
                  max_queue: int = 1024, prefill_chunk: int = 256, kv_cache_tokens: int | None = None,
-                 prefix_caching: bool = True, max_queued_prompt_tokens: int | None = None):
+                 prefix_caching: bool = True, max_queued_prompt_tokens: int | None = None,
+                 speculative: SpeculativeConfig | None = None, draft: Runner | None = None):
+        from llmk.speculative import SpeculativeConfig
+
         self.runner = runner
         self.tokenizer = tokenizer
         self.lock = threading.Lock()  # held for each runner call
@@ -104,6 +112,8 @@ class Engine:
         self.prefill_chunk, self.prefix_caching = prefill_chunk, prefix_caching
         self.max_queued_prompt_tokens = max_queued_prompt_tokens
         self.kv_cache_tokens = kv_cache_tokens or default_kv_tokens(max_batch_size, runner.max_context)
+        self.speculative = speculative or SpeculativeConfig(method="draft" if draft is not None else "ngram")
+        self.draft = draft
         self._scheduler: Scheduler | None = None
         self._kv: KVCacheManager | None = None
         self._scheduler_lock = threading.Lock()
@@ -129,8 +139,34 @@ class Engine:
                 self._scheduler = Scheduler(self.runner, self.tokenizer, kv, runner_lock=self.lock, name=self.name,
                                             max_batch_size=self.max_batch_size, max_queue=self.max_queue,
                                             prefill_chunk=self.prefill_chunk,
-                                            max_queued_prompt_tokens=self.max_queued_prompt_tokens)
+                                            max_queued_prompt_tokens=self.max_queued_prompt_tokens,
+                                            speculator=self._speculator())
             return self._scheduler
+
+    def _speculator(self) -> Speculator:
+        """The scheduler's drafting: n-gram lookup, or the draft model on a KV cache of
+        its own in the target's slots (as many positions, plus a block per slot for rounding)."""
+        from llmk.kv import KVCacheManager
+        from llmk.speculative import DraftModel, Speculator
+
+        draft = self.draft
+        if draft is None or draft.kv_layout is None or self.speculative.method != "draft":
+            return Speculator(self.speculative)
+        layout = draft.kv_layout
+        kv = KVCacheManager(layout, capacity_blocks=-(-self.kv_cache_tokens // layout.block_size) + self.max_batch_size,
+                            num_slots=self.max_batch_size, max_context=min(draft.max_context, self.runner.max_context),
+                            prefix_caching=self.prefix_caching, copy=self._locked(draft.copy_blocks),
+                            release=self._locked(draft.release_blocks))
+        with self.lock:
+            draft.allocate_cache(kv.num_blocks, self.max_batch_size, kv.capacity)
+        return Speculator(self.speculative, DraftModel(draft, kv, self.lock, vocab_size=self.tokenizer.vocab_size,
+                                                       chunk=self.prefill_chunk))
+
+    def _locked(self, call: Callable[[Any], None]) -> Callable[[Any], None]:
+        def locked(argument: Any) -> None:
+            with self.lock:
+                call(argument)
+        return locked
 
     @property
     def kv(self) -> KVCacheManager:
@@ -152,9 +188,17 @@ class Engine:
         layout = self.runner.kv_layout
         return 0 if layout is None else self.kv_cache_tokens * layout.bytes_per_token
 
+    def draft_bytes(self) -> int:
+        """The draft model's weights and buffers, and its KV cache at capacity (0 without one)."""
+        draft = self.draft
+        if draft is None:
+            return 0
+        layout = draft.kv_layout
+        return draft.memory_bytes() + (0 if layout is None else self.kv_cache_tokens * layout.bytes_per_token)
+
     def memory_bytes(self) -> int:
-        """Weights and runtime buffers, plus the KV cache at its capacity."""
-        return self.runner.memory_bytes() + self.kv_bytes()
+        """Weights and runtime buffers, plus the KV cache at its capacity (and the draft model's)."""
+        return self.runner.memory_bytes() + self.kv_bytes() + self.draft_bytes()
 
     def backlog(self) -> dict[str, int]:
         """Right now: requests waiting, running (prefilling or decoding), prefilling,
@@ -180,13 +224,23 @@ class Engine:
         kv = self._kv
         return {} if kv is None else kv.stats().as_dict()
 
+    def speculation_stats(self) -> dict[str, Any]:
+        """Speculative decoding's counters: ``spec_method``, ``spec_draft_tokens``,
+        ``spec_accepted_tokens``, ``spec_verify_steps``, ``spec_acceptance_rate``,
+        ``decode_steps``, ``decode_tokens`` and ``spec_tokens_per_step`` (tokens a
+        decoding sequence gains per engine step); empty before the first request."""
+        scheduler = self._scheduler
+        return {} if scheduler is None else scheduler.speculation_stats()
+
     def close(self) -> None:
-        """Stop the scheduler (requests still running fail), then free the runner."""
+        """Stop the scheduler (requests still running fail), then free the runner (and the draft's)."""
         with self._scheduler_lock:
             scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:
             scheduler.close()
         self.runner.close()
+        if self.draft is not None:
+            self.draft.close()
 
     # -- generation -------------------------------------------------------
     def prompt_ids(self, prompt: str | list[int], limit: int | None = None) -> list[int]:

@@ -207,7 +207,8 @@ class Kernel:
         # The KV cache counts in the budget at its capacity, estimated from the model's config.
         per_token = backend.kv_bytes_per_token(source.tokenizer_dir, dtype=dtype, options=options)
         tokens = _kv_tokens(spec, per_token, config_max_context(source.tokenizer_dir))
-        return weights + tokens * per_token
+        draft = self._prepare_draft(version, source, tokens) if spec.draft is not None else 0
+        return weights + tokens * per_token + draft
 
     def start(self, version: ModelVersion) -> None:
         """Load the artifact; run the quality gate when the spec has one."""
@@ -215,13 +216,22 @@ class Kernel:
         spec = version.spec
         runner = plan.backend.load(version.artifact, device=version.device, dtype=version.dtype,
                                    options=plan.options, cache=self.cache)
+        draft = None
+        if plan.draft is not None:  # the same backend, device, dtype and options as the model
+            try:
+                draft = plan.backend.load(plan.draft, device=version.device, dtype=version.dtype,
+                                          options=plan.options, cache=self.cache)
+            except BaseException:
+                runner.close()
+                raise
         layout = runner.kv_layout
         kv_tokens = _kv_tokens(spec, layout.bytes_per_token, runner.max_context) if layout is not None else None
         version.engine = Engine(runner, Tokenizer(plan.source.tokenizer_dir, source=spec.source), name=version.name,
                                 max_batch_size=spec.max_batch_size, max_queue=self.max_queue,
                                 prefill_chunk=spec.prefill_chunk, kv_cache_tokens=kv_tokens,
                                 prefix_caching=spec.prefix_caching,
-                                max_queued_prompt_tokens=spec.max_queued_prompt_tokens)
+                                max_queued_prompt_tokens=spec.max_queued_prompt_tokens,
+                                speculative=spec.speculative, draft=draft)
         if plan.built and spec.max_ppl_increase is not None:
             try:
                 version.quality = self._quality_gate(version, plan.base, plan.backend, version.device,
@@ -246,11 +256,33 @@ class Kernel:
             (result,) = engine.generate([ids], [SamplingParams(max_tokens=2, temperature=0.0)])
             with engine.lock:
                 logits = engine.runner.logits(ids)
-            healthy = result.completion_tokens > 0 and bool(np.isfinite(logits).all())
+                draft_logits = engine.draft.logits(ids) if engine.draft is not None else logits
+            healthy = result.completion_tokens > 0 and bool(np.isfinite(logits).all()) \
+                and bool(np.isfinite(draft_logits).all())
         if not healthy:
             raise HealthCheckError(version.name, "the warm-up request returned non-finite or empty output")
 
     # -- internals ---------------------------------------------------------------
+    def _prepare_draft(self, version: ModelVersion, source: Artifact, kv_tokens: int) -> int:
+        """Resolve and build the spec's draft model for the model's backend (no passes),
+        refuse one whose vocabulary differs (``DraftModelError``), and return its
+        memory estimate: weights, and a KV cache of ``kv_tokens`` positions (the model's)."""
+        from llmk.speculative import DraftModelError, check_draft_vocabulary
+
+        spec, plan = version.spec, version.plan
+        assert spec.draft is not None
+        draft_source = self.plugins.resolve_source(spec.draft, self.cache)
+        if draft_source.task != "generate":
+            raise DraftModelError(spec.draft, "it does not generate text")
+        check_draft_vocabulary(Tokenizer(source.tokenizer_dir, source=spec.source),
+                               Tokenizer(draft_source.tokenizer_dir, source=spec.draft), spec.draft)
+        _, plan.draft, _ = self._prepare(draft_source, plan.backend, version.dtype, [])
+        weights = plan.backend.estimate_memory(plan.draft, device=version.device, dtype=version.dtype,
+                                               options=plan.options)
+        per_token = plan.backend.kv_bytes_per_token(draft_source.tokenizer_dir, dtype=version.dtype,
+                                                    options=plan.options)
+        return weights + kv_tokens * per_token
+
     def _resolve_pass(self, pass_spec: PassSpec) -> tuple[Registered[Optimizer], PassOptions]:
         registered = self.plugins.passes.get(pass_spec.name)
         reason = registered.cls.availability()
@@ -384,6 +416,7 @@ class _Plan:
     options: BackendOptions
     base: Artifact  # the unoptimized export, the quality gate's baseline
     built: list[Path]  # the pass outputs built for this load
+    draft: Artifact | None = None  # the draft model, built for the same backend
 
 
 class _Reaper:

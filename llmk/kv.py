@@ -179,22 +179,26 @@ class KVCacheManager:
                        self.reused_tokens)
 
     # -- a sequence's life ---------------------------------------------------------------
-    def admit(self, prompt: Sequence[int], max_length: int) -> KVAllocation | None:
-        """Take a slot, reuse the longest cached prefix of ``prompt`` and reserve
+    def admit(self, prompt: Sequence[int], max_length: int, *, slot: int | None = None) -> KVAllocation | None:
+        """Take a slot (``slot`` itself when given: a draft model's cache mirrors its
+        target's slots), reuse the longest cached prefix of ``prompt`` and reserve
         blocks up to ``max_length`` positions; ``None`` when there is no free slot
         or not enough room now (the caller waits and asks again)."""
         if not self._free_slots:
             return None
+        if slot is not None and slot not in self._free_slots:
+            raise KVCacheError(f"slot {slot} is not free")
         hashes = self._prefix_hashes(prompt) if self.prefix_caching else []
         needed = self.blocks_for(max_length)
         if self.contiguous:
-            slot, own = self._pick_slot(hashes)
+            slot, own = self._pick_slot(hashes) if slot is None else (slot, self._own_match(slot, hashes))
             sources = self._copy_sources(hashes, own, slot)
             # Every block of the sequence becomes used (reused in place, copied in, or new),
             # and cached copy sources are held while they are read.
             cost = needed + sum(1 for b in sources if self._refs[b] == 0)
         else:
-            slot = min(self._free_slots, key=self._free_slots.__getitem__)
+            if slot is None:
+                slot = min(self._free_slots, key=self._free_slots.__getitem__)
             matched = self._match_paged(hashes)
             cost = needed - len(matched) + sum(1 for b in matched if self._refs[b] == 0)
         if cost > self.available:
@@ -358,15 +362,20 @@ class KVCacheManager:
         freed longest ago, keeping recent caches), and that match's length."""
         best, best_own = None, -1
         for slot in sorted(self._free_slots, key=self._free_slots.__getitem__):
-            own = 0
-            for index, key in enumerate(hashes):
-                if self._hash[slot * self.per_slot + index] != key:
-                    break
-                own += 1
+            own = self._own_match(slot, hashes)
             if own > best_own:
                 best, best_own = slot, own
         assert best is not None
         return best, best_own
+
+    def _own_match(self, slot: int, hashes: list[bytes]) -> int:
+        """How many of the prefix blocks ``hashes`` the slot's own blocks still hold."""
+        own = 0
+        for index, key in enumerate(hashes):
+            if self._hash[slot * self.per_slot + index] != key:
+                break
+            own += 1
+        return own
 
     def _copy_sources(self, hashes: list[bytes], own: int, slot: int) -> list[int]:
         """Blocks in other slots holding the prefix blocks after the first ``own``. A

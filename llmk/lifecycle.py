@@ -136,6 +136,7 @@ class ModelVersion:
             "active_requests": self._leases,
             **backlog,
             **(engine.cache_stats() if engine is not None else {}),
+            **(engine.speculation_stats() if engine is not None else {}),
             "failure": self.failure,
             "stalled_since": self.stalled_since,
             "stalled_seconds": round(engine.stalled_for(), 3) if engine is not None else 0.0,

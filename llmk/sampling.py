@@ -223,6 +223,16 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 
     if params.temperature < GREEDY_BELOW:
         return int(np.argmax(logits))
+    probs = probabilities(logits, params)
+    return int(rng.choice(probs.shape[-1], p=probs))
+
+
+def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution ``sample`` draws from (temperature, top-k, top-p), as float64;
+    speculative decoding's rejection sampling (``llmk.speculative``) needs it whole.
+    Not for greedy parameters."""
+    import numpy as np
+
     scores = logits.astype(np.float64) / params.temperature
     if 0 < params.top_k < scores.shape[-1]:
         kth = np.partition(scores, -params.top_k)[-params.top_k]
@@ -236,4 +246,4 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         kept = np.zeros_like(probs)
         kept[keep] = probs[keep]
         probs = kept / kept.sum()
-    return int(rng.choice(probs.shape[-1], p=probs))
+    return probs

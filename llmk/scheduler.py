@@ -18,6 +18,12 @@ joining the batch costs its own prompt and nothing else, and one leaving costs
 nothing. A failure in a step fails the requests in that step, with the error,
 and no others.
 
+Speculative decoding (``llmk.speculative``) rides in the same steps: a decoding
+sequence may send its last token plus drafts and get logits for each, and
+``_advance`` keeps the drafts the model agrees with. Rows with and without
+drafts, and prompt chunks, share a step; drafts are not counted in the prefill
+budget (there are at most ``max_batch * num_draft`` of them).
+
 Chunks reach their readers through each request's channel: a queue for a
 thread, or an asyncio queue fed with ``loop.call_soon_threadsafe`` for a
 coroutine (vLLM's ``RequestOutputCollector``), never a thread per request.
@@ -39,6 +45,7 @@ from llmk.logs import get_logger
 from llmk.sampling import logprob_of, sample
 from llmk.sequence import Sequence as GenSequence
 from llmk.sequence import StreamChunk
+from llmk.speculative import SpeculativeConfig, Speculator, verify
 
 if TYPE_CHECKING:
     import numpy as np
@@ -189,13 +196,15 @@ class Scheduler:
 
     ``runner_lock`` is held around every runner call (scoring calls take it
     between steps). The gauges (``queue_depth``, ``running``, ``prefilling``,
-    ``prefill_tokens_pending``) may be read from any thread.
+    ``prefill_tokens_pending``) and ``speculation_stats()`` may be read from any
+    thread. ``speculator`` drafts tokens ahead (default: none).
     """
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer, kv: KVCacheManager, *, runner_lock: threading.Lock,
                  name: str = "model", max_batch_size: int = 8, max_queue: int = 1024, prefill_chunk: int = 256,
-                 max_queued_prompt_tokens: int | None = None):
+                 max_queued_prompt_tokens: int | None = None, speculator: Speculator | None = None):
         self.runner, self.tokenizer, self.kv, self.runner_lock = runner, tokenizer, kv, runner_lock
+        self.speculator = speculator or Speculator(SpeculativeConfig(method="off"))
         self.name = name
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.max_queued_prompt_tokens = max_queued_prompt_tokens
@@ -257,6 +266,11 @@ class Scheduler:
     def running(self) -> int:
         """Requests admitted: prefilling or decoding."""
         return len(self._running)
+
+    def speculation_stats(self) -> dict[str, Any]:
+        """Drafted and accepted tokens, verification steps, acceptance rate and tokens
+        per decoding step, since the model loaded (``llmk.speculative.SpeculationStats``)."""
+        return self.speculator.stats.as_dict()
 
     def stalled_for(self) -> float:
         """Seconds the engine has had work and made no progress (0 when it moves or idles)."""
@@ -326,6 +340,7 @@ class Scheduler:
                 return  # first come, first served: it waits for room, and so does everyone behind it
             self._waiting.popleft()
             sequence.kv, sequence.computed = allocation, allocation.reused_tokens
+            self.speculator.start(sequence)
             request.admitted = time.perf_counter()
             self._running.append(request)
 
@@ -363,18 +378,25 @@ class Scheduler:
                 self._advance([step], [request], logits)
 
     def _plan(self) -> tuple[list[SequenceStep], list[Request]]:
-        """This step's work: a token for each decoding sequence, then prompt chunks
-        within the budget (``ATTENTION_SPAN``), oldest first."""
+        """This step's work: a token (and its drafts) for each decoding sequence, then
+        prompt chunks within the budget (``ATTENTION_SPAN``), oldest first."""
         steps: list[SequenceStep] = []
         owners: list[Request] = []
         budget = self.prefill_chunk
-        for request in self._running:
+        decoders = [r for r in self._running if not r.sequence.prefilling]
+        try:
+            drafts = self.speculator.propose([r.sequence for r in decoders])
+        except Exception as error:  # the draft model failed: like a failed step, its requests fail
+            log.error("engine.draft_failed", model=self.name, error=repr(error), sequences=len(decoders))
+            for request in decoders:
+                self._finish(request, error)
+            decoders, drafts = [], []
+        for request, draft in zip(decoders, drafts):
             sequence = request.sequence
-            if sequence.prefilling:
-                continue
             length = len(sequence.token_ids)
-            self.kv.ensure(sequence.kv, length)
-            steps.append(SequenceStep(sequence.kv.slot, sequence.token_ids[-1:], length - 1, sequence.kv.blocks))
+            self.kv.ensure(sequence.kv, length + len(draft))
+            steps.append(SequenceStep(sequence.kv.slot, [sequence.token_ids[-1], *draft], length - 1,
+                                      sequence.kv.blocks, logits=1 + len(draft)))
             owners.append(request)
         decoding = len(steps)
         for request in self._running:
@@ -395,42 +417,72 @@ class Scheduler:
         return steps, owners
 
     def _advance(self, steps: list[SequenceStep], owners: list[Request], logits: np.ndarray) -> None:
-        """Take in a step's results: sample where there are logits, stream, finish."""
+        """Take in a step's results: sample (and verify drafts) where there are
+        logits, stream, finish."""
         row = 0
         for step, request in zip(steps, owners):
             sequence = request.sequence
-            sequence.computed = step.start + len(step.tokens)
             if not step.logits:
+                sequence.computed = step.start + len(step.tokens)
                 self.kv.commit(sequence.kv, sequence.token_ids, sequence.computed)
                 continue
-            raw = scores = logits[row + step.logits - 1]
+            rows = logits[row:row + step.logits]
             row += step.logits
-            params = sequence.params
+            # Drafts are the tokens after the first position with logits: each row checks the next one.
+            drafts = step.tokens[len(step.tokens) - step.logits + 1:]
+            decoding = not sequence.prefilling
             try:
-                for processor in sequence.processors:
-                    scores = processor(sequence.output_ids, scores)
-                token = sample(scores, params, sequence.rng)
+                chunks, accepted = self._verify(sequence, rows, drafts)
             except Exception as error:  # a processor's failure is its request's alone
                 self._finish(request, error)
                 continue
-            chunk = sequence.push(token, (logprob_of(raw, token, params.top_logprobs, self.tokenizer.token_text)
-                                                if params.logprobs else None))
+            # Positions of rejected drafts are not computed: a later step overwrites them.
+            sequence.computed = step.start + len(step.tokens) - len(drafts) + accepted
+            if decoding:
+                self.speculator.verified(sequence, len(drafts), accepted, len(chunks))
             self.kv.commit(sequence.kv, sequence.token_ids, sequence.computed)
-            request._emit(chunk)
+            request._emit(StreamChunk.join(chunks))
             if sequence.finish is not None:
                 self._finish(request)
             elif request.cancelled.is_set():  # its reader went away
                 self._expired(request)
                 self._finish(request)
 
+    def _verify(self, sequence: GenSequence, rows: np.ndarray, drafts: list[int]) -> tuple[list[StreamChunk], int]:
+        """Push the tokens of one sequence's logits ``rows``: at each drafted position
+        the token ``verify`` picks, then, after the last draft, a sampled one; stop at
+        the first draft not kept or the first finish. Returns the chunks pushed and how
+        many drafts were kept. The processors see the output as it grows, one position
+        at a time, exactly as without drafts."""
+        params = sequence.params
+        q = self.speculator.draft_probabilities(sequence) if drafts else None
+        chunks: list[StreamChunk] = []
+        accepted = 0
+        for position, raw in enumerate(rows):
+            scores = raw
+            for processor in sequence.processors:
+                scores = processor(sequence.output_ids, scores)
+            if position < len(drafts):
+                token, kept = verify(scores, drafts[position], params, sequence.rng,
+                                     None if q is None else q[position])
+            else:
+                token, kept = sample(scores, params, sequence.rng), False
+            accepted += kept
+            chunks.append(sequence.push(token, (logprob_of(raw, token, params.top_logprobs, self.tokenizer.token_text)
+                                                if params.logprobs else None)))
+            if not kept or sequence.finish is not None:
+                break
+        return chunks, accepted
+
     def _finish(self, request: Request, error: BaseException | None = None) -> None:
-        """Take a request out of the batch and give its cache back."""
+        """Take a request out of the batch and give its cache (and its draft's) back."""
         if error is not None:
             request._fail(error)
         if request in self._running:
             self._running.remove(request)
         sequence = request.sequence
         if sequence.kv is not None:
+            self.speculator.end(sequence)
             self.kv.free(sequence.kv)
             sequence.kv = None
 

@@ -3,7 +3,8 @@
 It holds the token ids (prompt and output), the sampling state (parameters,
 processors, its own random generator), the text handed out so far and the stop
 logic, and where the sequence stands in the engine: how many of its positions
-are in the KV cache (``computed``) and which cache blocks hold them (``kv``).
+are in the KV cache (``computed``), which cache blocks hold them (``kv``) and its
+drafting state (``speculation``, ``llmk.speculative``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from llmk.tokenizer import Detokenizer, Tokenizer
 if TYPE_CHECKING:
     from llmk.kv import KVAllocation
     from llmk.sampling import LogitsProcessor, SamplingParams, TokenLogprob
+    from llmk.speculative import SequenceSpeculation
     from llmk.tools import ToolCall
 
 #: stop: end of sequence or a stop string; length: max_tokens or the context; cancelled:
@@ -38,6 +40,15 @@ class StreamChunk:
 
     def __str__(self) -> str:
         return self.text
+
+    @classmethod
+    def join(cls, chunks: list[StreamChunk]) -> StreamChunk:
+        """One chunk for the tokens of one engine step (a step that kept drafts pushes several)."""
+        if len(chunks) == 1:
+            return chunks[0]
+        logprobs = [p for c in chunks for p in c.logprobs or ()] if chunks[0].logprobs is not None else None
+        return cls("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
+                   chunks[-1].finish_reason, logprobs, [call for c in chunks for call in c.tool_calls])
 
 
 class Sequence:
@@ -62,6 +73,8 @@ class Sequence:
         self.computed = 0
         #: Its cache blocks, from admission until it finishes.
         self.kv: KVAllocation | None = None
+        #: Its drafting state while it runs, when the model speculates.
+        self.speculation: SequenceSpeculation | None = None
         self._detok = Detokenizer(tokenizer, prompt_ids)
         self._eos = tokenizer.eos_ids
         self._hold = max((len(s) for s in params.stop), default=1) - 1

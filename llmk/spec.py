@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmk.errors import OptionsError, format_validation_error
+from llmk.speculative import SpeculativeConfig
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -91,6 +92,33 @@ class ModelSpec(BaseModel):
     max_ppl_increase: float | None = Field(
         None, ge=0.0, description="quality gate for the passes: allowed relative perplexity increase (0.01 = +1%)"
     )
+    speculative: SpeculativeConfig = Field(
+        default_factory=SpeculativeConfig, description="speculative decoding: method (ngram, draft, off), num_draft, "
+                                                       "ngram_min/ngram_max, max_batch, min_acceptance")
+    draft: str | None = Field(None, min_length=1, description="a draft model's source (same tokenizer), loaded on "
+                                                              "the same backend and device for speculative decoding")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _draft_implies_method(cls, data: Any) -> Any:
+        """``draft`` implies ``speculative.method: draft`` unless the method is given."""
+        if isinstance(data, dict) and data.get("draft") is not None:
+            section = data.get("speculative")
+            if section is None:
+                return {**data, "speculative": {"method": "draft"}}
+            if isinstance(section, dict) and "method" not in section:
+                return {**data, "speculative": {**section, "method": "draft"}}
+        return data
+
+    @model_validator(mode="after")
+    def _draft_method(self) -> ModelSpec:
+        method = self.speculative.method
+        if self.draft is not None and method != "draft":
+            raise ValueError(f"a draft model is given but speculative.method is {method!r}: set it to 'draft' "
+                             "or remove draft")
+        if self.draft is None and method == "draft":
+            raise ValueError("speculative.method 'draft' needs a draft model: add draft: SOURCE")
+        return self
 
     @field_validator("kv_cache")
     @classmethod

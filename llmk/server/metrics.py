@@ -6,8 +6,10 @@ Three sources, each counted once:
   plugin object): tokens, time to first token, time per output token, queue
   wait and load seconds, per model;
 - a collector that reads ``kernel.status()`` and ``kernel.metrics()`` at scrape
-  time: queue depth, running generations, memory and state per model, and the
-  lifecycle counters (loads, swaps and rollbacks by result, evictions by reason);
+  time: queue depth, running generations, memory and state per model, the KV and
+  prefix caches, speculative decoding (drafted and accepted tokens, verification
+  steps, tokens per decoding step), and the lifecycle counters (loads, swaps and
+  rollbacks by result, evictions by reason);
 - ``RequestLog``, an ASGI middleware: HTTP requests by model, endpoint and
   status, their duration, and the log event.
 
@@ -128,6 +130,20 @@ class _KernelCollector:
                    "them to grow into, and cached prefixes no sequence holds", ["model", "kind"])
         prefix = CounterMetricFamily(f"{PREFIX}_prefix_cache_tokens", "Prompt tokens looked up in the prefix "
                                      "cache, and those found there (not computed again)", labels=["model", "kind"])
+        drafted = CounterMetricFamily(f"{PREFIX}_spec_draft_tokens", "Speculative decoding: draft tokens sent "
+                                      "for verification", labels=["model"])
+        accepted = CounterMetricFamily(f"{PREFIX}_spec_accepted_tokens", "Speculative decoding: draft tokens the "
+                                       "model agreed with (kept)", labels=["model"])
+        verified = CounterMetricFamily(f"{PREFIX}_spec_verify_steps", "Speculative decoding: sequence-steps that "
+                                       "verified drafts", labels=["model"])
+        decode_steps = CounterMetricFamily(f"{PREFIX}_decode_steps", "Sequence-steps that decoded (with or "
+                                           "without drafts)", labels=["model"])
+        decode_tokens = CounterMetricFamily(f"{PREFIX}_decode_tokens", "Tokens those decoding steps emitted",
+                                            labels=["model"])
+        acceptance = gauge("spec_acceptance_rate", "Share of draft tokens accepted, since the model loaded",
+                           ["model"])
+        per_step = gauge("spec_tokens_per_step", "Tokens a decoding sequence gains per engine step, since the "
+                         "model loaded (1 without speculation)", ["model"])
         active = gauge("requests_active", "Requests holding a model version (any kind)", ["model", "version"])
         memory = gauge("model_memory_bytes", "Memory a model version holds", ["model", "version", "backend"])
         state = gauge("model_state", "1 for the state each model version is in", ["model", "version", "state"])
@@ -147,7 +163,16 @@ class _KernelCollector:
                         kv.add_metric([model, kind], status[f"kv_{kind}_tokens"])
                     prefix.add_metric([model, "looked_up"], status["prefix_cache_prompt_tokens"])
                     prefix.add_metric([model, "reused"], status["prefix_cache_reused_tokens"])
-        yield from (queued, running, prefilling, pending, stalled, kv, prefix, active, memory, state)
+                if "spec_draft_tokens" in status:
+                    drafted.add_metric([model], status["spec_draft_tokens"])
+                    accepted.add_metric([model], status["spec_accepted_tokens"])
+                    verified.add_metric([model], status["spec_verify_steps"])
+                    decode_steps.add_metric([model], status["decode_steps"])
+                    decode_tokens.add_metric([model], status["decode_tokens"])
+                    acceptance.add_metric([model], status["spec_acceptance_rate"])
+                    per_step.add_metric([model], status["spec_tokens_per_step"])
+        yield from (queued, running, prefilling, pending, stalled, kv, prefix, drafted, accepted, verified,
+                    decode_steps, decode_tokens, acceptance, per_step, active, memory, state)
 
         figures = self.kernel.metrics()
         for key, label, doc in (("loads", "result", "Model loads by result"),
