@@ -1,7 +1,10 @@
 """llmk's own cost per token, in one process: the same loaded runner driven by
 llmk (``ModelHandle.generate``: scheduler thread, sampling, detokenizing,
 stop checks, metrics) and by a bare greedy loop over ``Runner.forward``.
-On torch, Hugging Face ``generate`` on the same checkpoint runs beside them.
+"llmk" is llmk as configured by default (n-gram speculation where it pays);
+"llmk, no speculation" is what the overhead compares with the bare loop. Beside
+them, the runtime's own generate on the same file: Hugging Face ``generate`` for
+torch, llama-cpp-python's ``Llama.generate`` (2 threads) for llamacpp.
 
     python bench/overhead.py [--backend B]... [--pass P]... [--runs 5] [--tokens 64]
 
@@ -32,9 +35,10 @@ def main() -> int:
 
     flags = [f"--backend {b}" for b in args.backends] + [f"--pass {p}" for p in args.passes]
     flags += [f"--runs {args.runs}", f"--tokens {args.tokens}"]
-    print(f"Command: `python bench/overhead.py {' '.join(flags)}`\n")
-    print("| backend | passes | llmk generate | bare runner loop | transformers generate | llmk overhead |")
-    print("|---|---|---|---|---|---|")
+    print(f"Command: `python bench/overhead.py {' '.join(flags)}`\n", flush=True)
+    print("| backend | passes | llmk generate | llmk, no speculation | bare runner loop | runtime's own generate "
+          "| llmk overhead | llmk / runtime's own |")
+    print("|---|---|---|---|---|---|---|---|")
     with llmk.Kernel(autoload=False) as kernel:
         for backend in args.backends or ["torch", "onnxruntime", "openvino"]:
             print(row(kernel, backend, args), flush=True)
@@ -43,33 +47,42 @@ def main() -> int:
 
 def row(kernel, backend: str, args: argparse.Namespace) -> str:  # noqa: ANN001 - llmk.Kernel
     model = kernel.load("m", source=args.model, backend=backend, passes=args.passes)
-    runner = model.version.engine.runner
+    plain = kernel.load("plain", source=args.model, backend=backend, passes=args.passes, speculative="off")
+    runner = plain.version.engine.runner
     ids = model.version.engine.prompt_ids(PROMPT)
 
-    def through_llmk() -> float:
-        result = model.generate(PROMPT, max_tokens=args.tokens, temperature=0)
-        return (result.completion_tokens - 1) / (result.seconds - result.first_token_seconds)
+    def through(handle):  # noqa: ANN001, ANN202 - a measurement closure
+        def run() -> float:
+            result = handle.generate(PROMPT, max_tokens=args.tokens, temperature=0)
+            return (result.completion_tokens - 1) / (result.seconds - result.first_token_seconds)
+        return run
 
     def bare() -> float:
         from llmk.backend import SequenceStep
 
-        engine = model.version.engine
+        engine = plain.version.engine
         kv = engine.kv
-        with engine.lock:  # the engine is idle: its cache is ours for the loop
-            allocation = kv.admit(ids, len(ids) + args.tokens)
-            kv.ensure(allocation, len(ids) + args.tokens)
+        # The engine is idle: its cache is ours for the loop. (The manager's copy and release
+        # callbacks take the runner lock themselves.)
+        allocation = kv.admit(ids, len(ids) + args.tokens)
+        kv.ensure(allocation, len(ids) + args.tokens)
+        with engine.lock:
             logits = runner.forward([SequenceStep(allocation.slot, ids, 0, allocation.blocks)])
             started = time.perf_counter()
             for position in range(len(ids), len(ids) + args.tokens - 1):
                 token = int(logits[0].argmax())
                 logits = runner.forward([SequenceStep(allocation.slot, [token], position, allocation.blocks)])
             seconds = time.perf_counter() - started
-            kv.free(allocation)
+        kv.free(allocation)
         return (args.tokens - 1) / seconds
 
-    ways = {"llmk": through_llmk, "bare": bare}
+    ways = {"llmk": through(model), "plain": through(plain), "bare": bare}
     if backend == "torch":
-        ways["transformers"] = hf_generate(model.version.plan.source.path, args.tokens)
+        from llmk.sources import as_hf
+
+        ways["runtime"] = hf_generate(as_hf(model.version.plan.source, kernel.cache).path, args.tokens)
+    elif backend == "llamacpp" and not args.passes:
+        ways["runtime"] = llama_cpp_generate(model.version.artifact.path, ids, args.tokens)
     figures = {name: Figure() for name in ways}
     for way in ways.values():  # warm-up
         way()
@@ -77,10 +90,33 @@ def row(kernel, backend: str, args: argparse.Namespace) -> str:  # noqa: ANN001 
         for name, way in ways.items():
             figures[name].values.append(way())
     kernel.unload("m")
-    overhead = 1 - figures["llmk"].median / figures["bare"].median
-    hf = figures["transformers"].cell() if "transformers" in figures else "–"
-    return (f"| {backend} | {' '.join(args.passes) or 'none'} | {figures['llmk'].cell()} | "
-            f"{figures['bare'].cell()} | {hf} | {overhead:+.1%} |")
+    kernel.unload("plain")
+    overhead = 1 - figures["plain"].median / figures["bare"].median
+    own = figures.get("runtime")
+    ratio = f"{figures['llmk'].median / own.median:.2f}x" if own else "–"
+    return (f"| {backend} | {' '.join(args.passes) or 'none'} | {figures['llmk'].cell()} | {figures['plain'].cell()} | "
+            f"{figures['bare'].cell()} | {own.cell() if own else '–'} | {overhead:+.1%} | {ratio} |")
+
+
+def llama_cpp_generate(path: object, ids: list[int], tokens: int):  # noqa: ANN201 - a measurement closure
+    """llama-cpp-python's greedy loop on the same GGUF (its sampler chain in C), decode only."""
+    import llama_cpp
+
+    llama = llama_cpp.Llama(str(path), n_ctx=2048, n_threads=2, n_threads_batch=2, flash_attn=True, verbose=False)
+
+    def run() -> float:
+        llama.reset()
+        produced = 0
+        first = time.perf_counter()
+        for _ in llama.generate(ids, temp=0.0, top_k=1, reset=True):
+            produced += 1
+            if produced == 1:
+                first = time.perf_counter()
+            if produced == tokens:
+                break
+        return (produced - 1) / (time.perf_counter() - first)
+
+    return run
 
 
 def hf_generate(path: object, tokens: int):  # noqa: ANN201 - a measurement closure

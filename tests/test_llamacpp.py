@@ -266,5 +266,6 @@ def test_scoring_does_not_touch_the_serving_cache(smollm2):
     ppl = smollm2.version.engine.perplexity("The cat sat on the mat. It was a sunny day and the cat was happy.")
     assert 1.0 < ppl < 200.0
     assert smollm2.status()["kv_used_tokens"] == before
-    (result,) = smollm2.version.engine.generate([smollm2.version.engine.prompt_ids("Hello")], [SamplingParams(max_tokens=4)])
+    engine = smollm2.version.engine
+    (result,) = engine.generate([engine.prompt_ids("Hello")], [SamplingParams(max_tokens=4)])
     assert result.completion_tokens > 0

@@ -191,7 +191,7 @@ def test_cli_plugins_lists_the_torch_backend():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["run", "--backend", "nope", "hi"], "unknown backend 'nope'; known: onnxruntime, openvino, torch"),
+        (["run", "--backend", "nope", "hi"], "unknown backend 'nope'; known: llamacpp, onnxruntime, openvino, torch"),
         (["run", "--model", "/no/such/model", "hi"], "no such file or directory"),
         (["run", "--model", "builtin:nope", "hi"], "known: builtin:minilm, builtin:smollm2"),
         (["run", "--pass", "nope", "hi"], "unknown pass 'nope'"),

@@ -15,6 +15,8 @@ from llmk.errors import SourceError, UnsupportedError
 
 #: The file inside an export or a pass output; a GGUF source is its own file.
 MODEL_FILE = "model.gguf"
+#: Bump when the files ``export.py`` writes change for the same input: exports are cached by it.
+EXPORT_VERSION = "1"
 #: KV cache element types: ggml's type id and bytes per element.
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
 KV_ITEM_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -60,9 +62,13 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def versions(cls) -> dict[str, str]:
+        from importlib.metadata import version
+
         import llama_cpp
 
-        return {**super().versions(), "llama.cpp": llama_cpp.__version__}
+        # The converter's version and the gguf package's: both shape an exported file.
+        return {**super().versions(), "llama.cpp": llama_cpp.__version__, "gguf": version("gguf"),
+                "llmk-gguf-export": EXPORT_VERSION}
 
     def export(self, source: Artifact, out_dir: Path, *, dtype: str) -> None:
         from llmk_backend_llamacpp.export import export_gguf

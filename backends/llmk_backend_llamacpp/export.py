@@ -45,8 +45,6 @@ from llmk.logs import get_logger
 
 log = get_logger("llmk.llamacpp")
 
-#: Bump when the files written here change for the same input: exports are cached by it.
-EXPORT_VERSION = "1"
 
 Q = gguf.GGMLQuantizationType
 #: Largest finite float16.

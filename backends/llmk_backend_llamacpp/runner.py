@@ -45,7 +45,7 @@ _init_lock = threading.Lock()
 _initialized = False
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
     global _initialized
     with _init_lock:
         if not _initialized:
@@ -91,7 +91,7 @@ class Model:
         params.no_perf = True
         context = llama.llama_init_from_model(self.handle, params)
         if not context:
-            raise RuntimeFailure("llamacpp", f"llama.cpp could not create a context of {n_ctx} positions for {self.path.name}")
+            raise RuntimeFailure("llamacpp", f"could not create a context of {n_ctx} positions for {self.path.name}")
         return context
 
     def close(self) -> None:
@@ -101,7 +101,7 @@ class Model:
 
 
 def load_model(source: str, path: Path, device: str, options: LlamaCppOptions) -> Model:
-    _init_backend()
+    init_backend()
     params = llama.llama_model_default_params()
     params.n_gpu_layers = 999 if device.startswith("cuda") else 0
     params.main_gpu = int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0
@@ -231,7 +231,7 @@ class LlamaCppRunner(Runner):
         if status != 0:
             # 1: no room for the batch in the cache; negative: an error inside llama.cpp.
             why = "no free KV cells for the step" if status == 1 else f"llama_decode returned {status}"
-            raise RuntimeFailure("llamacpp", f"llama.cpp step of {size} tokens failed: {why}")
+            raise RuntimeFailure("llamacpp", f"a step of {size} tokens failed: {why}")
         if not wanted:
             return np.empty((0, self.vocab), np.float32)
         logits = llama.llama_get_logits(context)
@@ -310,7 +310,7 @@ class LlamaCppEncoderRunner(Runner):
             batch.struct.n_tokens = n
             status = llama.llama_decode(self._context, batch.struct)
             if status != 0:
-                raise RuntimeFailure("llamacpp", f"llama.cpp could not encode {n} tokens: llama_decode returned {status}")
+                raise RuntimeFailure("llamacpp", f"could not encode {n} tokens: llama_decode returned {status}")
             embeddings = llama.llama_get_embeddings(self._context)
             hidden[row, :n] = np.ctypeslib.as_array(embeddings, shape=(n, self.model.n_embd))
         return hidden

@@ -29,12 +29,12 @@ def quantize(artifact: Artifact, out_dir: Path, options: QuantizeOptions) -> Non
     import llama_cpp
     from gguf import GGUFReader
     from llmk_backend_llamacpp.backend import MODEL_FILE, gguf_file
-    from llmk_backend_llamacpp.runner import _init_backend
+    from llmk_backend_llamacpp.runner import init_backend
 
     gguf_type = options.llamacpp_type()
     source = gguf_file(artifact)
     out_file = out_dir / MODEL_FILE
-    _init_backend()  # llama.cpp's log to llmk's (errors only), its CPU tables ready
+    init_backend()  # llama.cpp's log to llmk's (errors only), its CPU tables ready
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_TYPES[gguf_type][0]
     params.nthread = len(os.sched_getaffinity(0))
