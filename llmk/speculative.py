@@ -51,9 +51,11 @@ Drafts come from a *proposer*:
 It pays only where a step of ``k + 1`` tokens costs little more than a step of
 one: drafting stops while more than ``max_batch`` sequences decode (large
 batches are compute-bound; vLLM turns speculation off above a batch size too),
-and a sequence whose drafts are mostly rejected pauses drafting, for longer each
-time it fails again (``SequenceSpeculation``). ``SpeculationStats`` counts drafted
-and accepted tokens, verification steps, and tokens per decoding step.
+a sequence's draft length grows while its drafts are kept and shrinks when they
+are not, and a sequence whose drafts are mostly rejected pauses drafting, for
+longer each time it fails again (``SequenceSpeculation``). ``SpeculationStats``
+counts drafted and accepted tokens, verification steps, and tokens per decoding
+step.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ log = get_logger("llmk.speculative")
 #: Defaults, measured with bench/speculative.py on this project's 2-core CPU (SmolLM2-135M,
 #: onnxruntime and openvino int4): a step of 5 tokens costs about 2x a step of 1 at batch 1,
 #: about 2.3x at batch 4 and 4x at batch 8.
-DEFAULT_NUM_DRAFT = 4
+DEFAULT_NUM_DRAFT = 8
 DEFAULT_MAX_BATCH = 4
 #: A sequence pauses drafting after its acceptance falls below this, for 2, 4, ... steps (at most MAX_PAUSE).
 DEFAULT_MIN_ACCEPTANCE = 0.3
@@ -194,11 +196,17 @@ def _fit(q: np.ndarray, width: int) -> np.ndarray:
 
 
 class SequenceSpeculation:
-    """One sequence's drafting state: its n-gram index, its recent acceptance and
-    pause, and (with a draft model) its share of the draft's KV cache."""
+    """One sequence's drafting state: its n-gram index, its draft length, its recent
+    acceptance and pause, and (with a draft model) its share of the draft's KV cache.
 
-    def __init__(self) -> None:
+    The draft length adapts: it doubles (up to ``num_draft``) after a step that kept
+    every draft, and falls to one more than were kept after one that did not — a
+    copied passage is drafted in long runs, a stray match costs little.
+    """
+
+    def __init__(self, num_draft: int = DEFAULT_NUM_DRAFT) -> None:
         self.index: NgramIndex | None = None
+        self.length = max(1, num_draft // 2)  # drafts to ask for next
         self.acceptance = 1.0  # recent share of drafts kept (an exponential average)
         self.pause = 0  # decoding steps left without drafting
         self.failures = 0  # low-acceptance verifications in a row: each doubles the pause
@@ -215,17 +223,19 @@ class SequenceSpeculation:
             return False
         return True
 
-    def record(self, drafted: int, accepted: int, min_acceptance: float) -> None:
-        """A verification: update the acceptance average, pause when it is too low."""
+    def record(self, drafted: int, accepted: int, config: SpeculativeConfig) -> None:
+        """A verification: adapt the draft length and the acceptance average, pause
+        when it is too low."""
         self.drafted += drafted
         self.accepted += accepted
+        self.length = min(config.num_draft, self.length * 2) if accepted == drafted else accepted + 1
         self.acceptance += ACCEPTANCE_WEIGHT * (accepted / drafted - self.acceptance)
-        if self.acceptance >= min_acceptance:
+        if self.acceptance >= config.min_acceptance:
             self.failures = 0
             return
         self.failures += 1
         self.pause = min(MAX_PAUSE, 2 ** self.failures)
-        self.acceptance = min_acceptance  # after the pause, one good verification resumes for good
+        self.acceptance = config.min_acceptance  # after the pause, one good verification resumes for good
 
 
 @dataclass
@@ -439,7 +449,7 @@ class Speculator:
         """A sequence was admitted (its target KV allocated)."""
         if self.proposer is None:
             return
-        sequence.speculation = SequenceSpeculation()
+        sequence.speculation = SequenceSpeculation(self.config.num_draft)
         self.proposer.start(sequence)
 
     def end(self, sequence: Sequence) -> None:
@@ -448,15 +458,17 @@ class Speculator:
 
     def propose(self, sequences: list[Sequence]) -> list[list[int]]:
         """Drafts for each decoding sequence (empty where it does not draft): none
-        while more than ``max_batch`` decode; never past a sequence's budget (the
-        bonus token must fit too), nor while it is paused."""
+        while more than ``max_batch`` decode; at most the sequence's draft length,
+        never past its budget (the bonus token must fit too), none while it is paused."""
         if self.proposer is None or len(sequences) > self.config.max_batch:
             return [[] for _ in sequences]
         rows, where = [], []
         for i, sequence in enumerate(sequences):
             state = sequence.speculation
-            k = min(self.config.num_draft, sequence.budget - len(sequence.output_ids) - 1)
-            if state is not None and k > 0 and state.may_draft():
+            if state is None:
+                continue
+            k = min(state.length, sequence.budget - len(sequence.output_ids) - 1)
+            if k > 0 and state.may_draft():
                 rows.append((sequence, k))
                 where.append(i)
         drafts: list[list[int]] = [[] for _ in sequences]
@@ -478,7 +490,7 @@ class Speculator:
         stats.verify_steps += 1
         state = sequence.speculation
         if state is not None:
-            state.record(drafted, accepted, self.config.min_acceptance)
+            state.record(drafted, accepted, self.config)
         if self.proposer is not None:
             self.proposer.verified(sequence, len(sequence.token_ids))
 
