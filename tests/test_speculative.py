@@ -19,7 +19,7 @@ import pytest
 import llmk
 from llmk.backend import KVLayout, Runner, SequenceStep
 from llmk.generation import Engine
-from llmk.speculative import DraftModelError, NgramIndex, SpeculativeConfig, verify
+from llmk.speculative import DraftModelError, NgramIndex, SequenceSpeculation, SpeculativeConfig, verify
 from llmk.testing import build_tiny_tokenizer, load_fake, tiny_corpus
 from llmk.tokenizer import Tokenizer
 
@@ -87,6 +87,22 @@ def test_the_ngram_index_finds_the_latest_longest_match():
     assert index.lookup(tokens, 4) == [5, 2, 3, 7]
     assert NgramIndex(1, 3).lookup([4, 4, 4], 5) == [4]  # the overlap with the suffix itself is all there is
     assert NgramIndex(2, 2).lookup([1, 2, 3], 2) == []
+
+
+def test_a_sequence_drafts_longer_while_its_drafts_are_kept_and_pauses_when_they_fail():
+    config = SpeculativeConfig(num_draft=8, min_acceptance=0.3)
+    state = SequenceSpeculation(config.num_draft)
+    lengths = []
+    for drafted, accepted in ((4, 4), (8, 8), (8, 2), (3, 0)):
+        state.record(drafted, accepted, config)
+        lengths.append(state.length)
+    assert lengths == [8, 8, 3, 1] and state.pause == 0  # acceptance fell from 1 to 0.31
+    state.record(1, 0, config)  # below 0.3: a pause of 2 steps, then 4, 8...
+    assert [state.may_draft() for _ in range(3)] == [False, False, True]
+    state.record(1, 0, config)
+    assert state.pause == 4
+    state.record(1, 1, config)  # one good verification after a pause resumes drafting
+    assert state.failures == 0 and state.length == 2
 
 
 def test_the_speculative_section_is_validated():
@@ -192,7 +208,7 @@ def test_the_prefix_cache_never_holds_a_draft(kernel, contiguous):
     prompt = engine.prompt_ids(LONG)
     first = handle.generate(LONG, max_tokens=40, temperature=0).token_ids
     assert first == runner.expected(prompt, 40)
-    assert engine.speculation_stats()["spec_draft_tokens"] > 40
+    assert engine.speculation_stats()["spec_verify_steps"] >= 30  # a rejected draft at nearly every step
     # A follow-up turn reuses the first one's blocks: a hashed draft would change its tokens.
     follow = prompt + first + engine.prompt_ids(" and then")[1:]
     before = engine.cache_stats()["prefix_cache_reused_tokens"]
@@ -528,3 +544,37 @@ def test_smollm2_prompt_lookup_on_a_grounded_task_is_exact(real_kernel):
     stats = on.status()
     assert stats["spec_accepted_tokens"] > 0 and stats["spec_tokens_per_step"] > 1.0
     real_kernel.unload("spec-on")
+
+
+def test_the_admin_api_holds_a_draft_path_to_the_model_roots(tmp_path):
+    """A draft model is a source like any other: a path outside ``server.model_roots`` is a 403."""
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llmk.errors import ModelNotFoundError
+    from llmk.server.admin import router
+    from llmk.server.errors import ApiError, error_response
+
+    def unknown(name):
+        raise ModelNotFoundError(name, [])
+
+    loads = []
+    status = lambda: [{"name": name, "current": True} for name in loads]  # noqa: E731
+    daemon = SimpleNamespace(admin_token="secret", kernel=SimpleNamespace(get=unknown, status=status),
+                             load=lambda name, config: loads.append(name),
+                             config=SimpleNamespace(models={}, server=SimpleNamespace(
+                                 model_roots=[str(tmp_path)], admin_token_env="TOKEN")))
+    app = FastAPI()
+    app.include_router(router(daemon))
+    app.add_exception_handler(ApiError, lambda request, error: error_response(error))
+    client = TestClient(app)
+    headers = {"Authorization": "Bearer secret"}
+    refused = client.post("/admin/models", headers=headers,
+                          json={"name": "x", "source": "builtin:smollm2", "draft": "/etc/passwd"})
+    assert refused.status_code == 403 and refused.json()["error"]["param"] == "draft"
+    assert "draft '/etc/passwd' is not under" in refused.json()["error"]["message"] and not loads
+    inside = client.post("/admin/models", headers=headers,
+                         json={"name": "x", "source": "builtin:smollm2", "draft": str(tmp_path / "small")})
+    assert inside.status_code == 201 and loads == ["x"]

@@ -67,22 +67,25 @@ def router(daemon: Daemon) -> APIRouter:
         except Exception as error:
             raise api_error(error) from None
 
-    def allowed(source: str) -> None:
+    def allowed(source: str | None, param: str = "source") -> None:
         """Refuse a local path outside ``server.model_roots`` and the config file's own
-        sources: the same 403 whether or not anything exists there."""
+        sources: the same 403 whether or not anything exists there. ``param`` names the
+        field (a draft model's source is held to the same rule)."""
+        if source is None:
+            return
         if "\x00" in source:
-            raise ApiError(400, "source: a NUL character cannot be in a path or a source name", param="source")
+            raise ApiError(400, f"{param}: a NUL character cannot be in a path or a source name", param=param)
         if not _is_path(source):
             return  # builtin: or a plugin's scheme: no file system behind the caller's string
         path = os.path.realpath(os.path.expanduser(source))
         roots = [os.path.realpath(os.path.expanduser(root)) for root in daemon.config.server.model_roots]
-        named = {os.path.realpath(os.path.expanduser(m.source)) for m in daemon.config.models.values()
-                 if _is_path(m.source)}
+        named = {os.path.realpath(os.path.expanduser(s)) for m in daemon.config.models.values()
+                 for s in (m.source, m.draft) if s is not None and _is_path(s)}
         if path in named or any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
             return
-        raise ApiError(403, f"source {source!r} is not under a directory this server loads from "
+        raise ApiError(403, f"{param} {source!r} is not under a directory this server loads from "
                        "(server.model_roots) nor named in its config file", "permission_error",
-                       param="source", code="source_not_allowed")
+                       param=param, code="source_not_allowed")
 
     @admin.get("/models")
     async def list_models() -> dict[str, Any]:
@@ -99,6 +102,7 @@ def router(daemon: Daemon) -> APIRouter:
             raise ApiError(409, f"model {body.name!r} exists; PUT /admin/models/{body.name} swaps it",
                            param="name", code="model_exists")
         allowed(body.source)
+        allowed(body.draft, "draft")
         config = ModelConfig.model_validate(body.model_dump(exclude={"name"}))
         await run(daemon.load, body.name, config)
         return current(body.name)
@@ -108,6 +112,7 @@ def router(daemon: Daemon) -> APIRouter:
         await run(daemon.kernel.get, name)  # 404 for an unknown name, before any work
         note(request, model=name)
         allowed(body.source)
+        allowed(body.draft, "draft")
         await run(daemon.load, name, body)
         return current(name)
 
