@@ -12,6 +12,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -69,6 +72,24 @@ class Oracle:
 def use(engine: Engine, proposer) -> None:
     """Put ``proposer`` in place of the engine's own (its config still decides when to draft)."""
     engine.scheduler.speculator.proposer = proposer
+
+
+@contextmanager
+def queued_together(engine: Engine) -> Iterator[None]:
+    """Requests submitted inside the block are all queued before the engine's second
+    step: its first forward waits for the block to end."""
+    gate = threading.Event()
+    forward = engine.runner.forward
+
+    def waiting(steps):
+        gate.wait(60)
+        return forward(steps)
+
+    engine.runner.forward = waiting
+    try:
+        yield
+    finally:
+        gate.set()
 
 
 def fake_truth(runner):
@@ -183,7 +204,7 @@ def test_rows_with_and_without_drafts_share_steps_with_prompt_chunks(kernel):
     use(engine, Oracle(fake_truth(runner), only=lambda sequence: sequence.kv.slot % 2 == 0))
     params = llmk.SamplingParams(max_tokens=24, temperature=0)
     prompts = [*PROMPTS[1:], LONG]
-    with engine.lock:  # everyone is queued before the first step runs
+    with queued_together(engine):
         requests = [engine.submit(engine.prompt_ids(p), params) for p in prompts]
     for prompt, request in zip(prompts, requests):
         assert [t for c in request for t in c.token_ids] == runner.expected(engine.prompt_ids(prompt), 24)
@@ -285,7 +306,7 @@ def test_drafting_stops_above_max_batch_and_backs_off_when_drafts_fail(kernel):
     runner = engine.runner
     use(engine, Oracle(lambda prompt, n: [7] * n, wrong=0))  # always wrong
     lengths = [60, 10, 5]  # three decode together at first, then two, then one
-    with engine.lock:
+    with queued_together(engine):
         requests = [engine.submit(engine.prompt_ids(p), llmk.SamplingParams(max_tokens=n, temperature=0))
                     for p, n in zip(PROMPTS, lengths)]
     for prompt, n, request in zip(PROMPTS, lengths, requests):
@@ -455,7 +476,7 @@ def test_greedy_output_is_unchanged_on_every_backend(real, tiny_llama, backend):
     engine = on.version.engine
     use(engine, Oracle(lambda prompt, n: reference[tuple(prompt)].token_ids[:n]))
     params = llmk.SamplingParams(max_tokens=32, temperature=0, logprobs=True)
-    with engine.lock:
+    with queued_together(engine):
         requests = [engine.submit(engine.prompt_ids(p), params) for p in prompts]
     for request, want in zip(requests, reference.values()):
         chunks = list(request)
