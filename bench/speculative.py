@@ -16,7 +16,8 @@ compared with the setting without speculation and the differences listed: there
 should be none, except on runtimes whose multi-row steps compute differently from
 single-row ones (onnxruntime's int8-compute int4 kernels), where batching changes
 greedy output too. ``--streams N`` runs N copies of each prompt at once and reports
-their total tokens over the wall time instead (what sets ``max_batch``). Any
+their decode tokens over the time from the last first token to the last end (what
+sets ``max_batch``). Any
 backend works, including third-party ones (``--backend llamacpp``).
 """
 
@@ -64,24 +65,24 @@ def speculative_setting(text: str) -> dict[str, Any]:
 
 
 def run_case(model: Any, messages: list[dict[str, str]], max_tokens: int, streams: int) -> tuple[Any, float | None]:
-    """One greedy answer (``streams`` copies at once) and its rate: decode tokens/s alone,
-    all tokens over the wall time for several streams."""
-    if streams == 1:
-        result = model.chat(messages, max_tokens=max_tokens, temperature=0)
-        decode = result.seconds - result.first_token_seconds
-        return result, (result.completion_tokens - 1) / decode if result.completion_tokens > 1 and decode > 0 else None
+    """One greedy answer (``streams`` copies at once) and its decode rate: the tokens
+    after each stream's first, over the time from the last first token to the last end."""
     results: list[Any] = [None] * streams
+    spans: list[tuple[float, float]] = [(0.0, 0.0)] * streams
 
     def one(i: int) -> None:
-        results[i] = model.chat(messages, max_tokens=max_tokens, temperature=0)
+        started = time.perf_counter()
+        results[i] = result = model.chat(messages, max_tokens=max_tokens, temperature=0)
+        spans[i] = (started + result.first_token_seconds, started + result.seconds)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-    started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return results[0], sum(r.completion_tokens for r in results) / (time.perf_counter() - started)
+    decode = max(end for _, end in spans) - max(first for first, _ in spans)
+    tokens = sum(r.completion_tokens - 1 for r in results)
+    return results[0], tokens / decode if tokens > 0 and decode > 0 else None
 
 
 def main() -> int:
