@@ -138,7 +138,8 @@ class ModelConfig(ModelSpec):
     keep_alive: float | None = Field(None, ge=0)
 
     def spec(self) -> ModelSpec:
-        return ModelSpec.model_validate(self.model_dump(exclude={"pinned", "keep_alive"}))
+        # Only what the config says: a default left unset stays a default the kernel may choose.
+        return ModelSpec.model_validate(self.model_dump(exclude={"pinned", "keep_alive"}, exclude_unset=True))
 
 
 KernelConfig.model_rebuild()

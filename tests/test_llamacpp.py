@@ -269,3 +269,27 @@ def test_scoring_does_not_touch_the_serving_cache(smollm2):
     engine = smollm2.version.engine
     (result,) = engine.generate([engine.prompt_ids("Hello")], [SamplingParams(max_tokens=4)])
     assert result.completion_tokens > 0
+
+
+@pytest.mark.smollm2
+@needs_runtime
+@needs_model
+def test_speculation_is_off_by_default_and_exact_when_asked_for(real_kernel, smollm2):
+    """Checking drafts costs llama.cpp on a CPU what decoding them would, so n-gram speculation
+    is off unless a spec asks for it; asked for, greedy output is unchanged. (Exact while the
+    cache spans under 512 cells: past that llama.cpp's single-token steps split attention
+    across threads and sum in another order than steps of several tokens.)"""
+    assert smollm2.version.engine.speculative.method == "off"
+    text = "red, green, blue, yellow, purple, orange, black, white, pink, brown, grey, gold"
+    ask = [{"role": "user", "content": f"Repeat this list of colours exactly, twice: {text}"}]
+    answers = {}
+    for how in ("off", "ngram"):  # fresh models: each cache holds only the warm-up and this request
+        model = real_kernel.load(f"gguf-{how}", source="builtin:smollm2", backend="llamacpp", speculative=how)
+        try:
+            assert model.version.engine.speculative.method == how
+            answers[how] = model.chat(ask, max_tokens=60, temperature=0).token_ids
+            drafted = model.version.engine.speculation_stats().get("spec_accepted_tokens", 0)
+        finally:
+            real_kernel.unload(f"gguf-{how}")
+    assert drafted > 0
+    assert answers["ngram"] == answers["off"]

@@ -91,7 +91,7 @@ class Daemon:
         """Load ``name`` (or hot-swap it when its spec changed; a no-op when not)."""
         try:
             handle = self.kernel.load(name, pinned=model.pinned, keep_alive=model.keep_alive,
-                                      **model.spec().model_dump())
+                                      **model.spec().model_dump(exclude_unset=True))
         except Exception as error:
             self.failures[name] = str(error)
             raise
