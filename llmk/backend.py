@@ -199,11 +199,6 @@ class Runner(ABC):
     max_context: int = 2048
     #: The KV cache's layout; ``None`` for encoders.
     kv_layout: KVLayout | None = None
-    #: Whether a step that carries a few tokens per sequence costs little more than a
-    #: step of one (memory-bound decoding): n-gram speculation, whose drafts ride in
-    #: such steps, is on by default only where it does. A runtime whose cost grows with
-    #: every token (llama.cpp on a CPU) says ``False``; a model spec may still ask for it.
-    speculation_pays: bool = True
 
     # -- the step contract ---------------------------------------------------------
     def allocate_cache(self, num_blocks: int, num_slots: int, capacity_blocks: int | None = None) -> None:

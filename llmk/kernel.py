@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmk.artifact import Artifact
-from llmk.backend import Backend, BackendOptions, Runner
+from llmk.backend import Backend, BackendOptions
 from llmk.cache import Cache, key_digest
 from llmk.errors import (
     BackendUnavailableError,
@@ -34,7 +34,6 @@ from llmk.optimizer import Optimizer, PassOptions
 from llmk.plugins import Plugins, Registered
 from llmk.sources import as_hf
 from llmk.spec import ModelSpec, PassSpec
-from llmk.speculative import SpeculativeConfig
 from llmk.tokenizer import Tokenizer
 
 log = get_logger("llmk.kernel")
@@ -232,7 +231,7 @@ class Kernel:
                                 prefill_chunk=spec.prefill_chunk, kv_cache_tokens=kv_tokens,
                                 prefix_caching=spec.prefix_caching,
                                 max_queued_prompt_tokens=spec.max_queued_prompt_tokens,
-                                speculative=_speculation(spec, runner), draft=draft)
+                                speculative=spec.speculative, draft=draft)
         if plan.built and spec.max_ppl_increase is not None:
             try:
                 version.quality = self._quality_gate(version, plan.base, plan.backend, version.device,
@@ -459,12 +458,6 @@ class _Watchdog(_Reaper):
                 self.lifecycle.check_stalls(self.timeout)
             except Exception as error:  # keep watching
                 log.error("model.watch_failed", error=str(error))
-
-
-def _speculation(spec: ModelSpec, runner: Runner) -> SpeculativeConfig:
-    """The spec's speculation, or none by default on a runner where it does not pay."""
-    chosen = "speculative" in spec.model_fields_set or spec.draft is not None
-    return spec.speculative if chosen or runner.speculation_pays else SpeculativeConfig(method="off")
 
 
 def _kv_tokens(spec: ModelSpec, bytes_per_token: int, max_context: int) -> int:

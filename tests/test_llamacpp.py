@@ -274,12 +274,10 @@ def test_scoring_does_not_touch_the_serving_cache(smollm2):
 @pytest.mark.smollm2
 @needs_runtime
 @needs_model
-def test_speculation_is_off_by_default_and_exact_when_asked_for(real_kernel, smollm2):
-    """Checking drafts costs llama.cpp on a CPU what decoding them would, so n-gram speculation
-    is off unless a spec asks for it; asked for, greedy output is unchanged. (Exact while the
-    cache spans under 512 cells: past that llama.cpp's single-token steps split attention
-    across threads and sum in another order than steps of several tokens.)"""
-    assert smollm2.version.engine.speculative.method == "off"
+def test_speculation_keeps_greedy_output(real_kernel):
+    """Exact while the cache spans under 512 cells: past that, llama.cpp's single-token steps
+    split attention across threads and sum in another order than steps of several tokens
+    (where a draft is checked), so a near-tie may resolve differently (docs/BENCHMARKS.md)."""
     text = "red, green, blue, yellow, purple, orange, black, white, pink, brown, grey, gold"
     ask = [{"role": "user", "content": f"Repeat this list of colours exactly, twice: {text}"}]
     answers = {}

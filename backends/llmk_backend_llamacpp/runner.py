@@ -150,10 +150,6 @@ class LlamaCppRunner(Runner):
         self.kv_layout = KVLayout(bytes_per_token=int(2 * model.n_layer * model.n_head_kv * model.head_dim * item),
                                   block_size=BLOCK_SIZE, contiguous=True)
         self._weights = path.stat().st_size
-        # On the CPU a step costs about as much per token at 1 token as at 5 (SmolLM2 Q4_1 on
-        # 2 cores: 7.0, 13.4 and 27.3 ms for 1, 2 and 5 tokens): checking drafts costs what
-        # decoding them would, so speculation is off unless a model asks for it.
-        self.speculation_pays = device.startswith("cuda")
         self._context: ctypes.c_void_p | None = None
         self._memory: ctypes.c_void_p | None = None
         self._blocks_per_slot = 0
