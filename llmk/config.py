@@ -34,17 +34,16 @@ ENVIRONMENT = {"LLMK_HOST": ("server", "host"), "LLMK_PORT": ("server", "port"),
                "LLMK_MEMORY_BUDGET": ("kernel", "memory_budget")}
 
 def default_models() -> dict[str, dict[str, Any]]:
-    """What ``llmk serve`` serves without a config file: SmolLM2 in the fastest configuration
-    that is lossless on it, 16 streams at once; and MiniLM. Measured in docs/BENCHMARKS.md:
-    its GGUF file as it is on llama.cpp where llama-cpp-python is installed, else int4 on
-    the file's own Q4_1 grid (which costs nothing; the quality gate holds it to +1%)."""
+    """What ``llmk serve`` serves without a config file: SmolLM2 in the fastest serving
+    configuration measured (docs/BENCHMARKS.md), 16 streams at once; and MiniLM. That is
+    int4 on onnxruntime, on the GGUF's own Q4_1 grid, which costs nothing (the quality gate
+    holds it to +1%); without onnxruntime, ``auto`` with no pass (llama.cpp runs the file as
+    it is; its ``bits=4`` would be Q4_K_M, lossy on this file)."""
     from llmk.backend import missing_modules
 
-    if missing_modules(("llama_cpp",)) is None:
-        chat: dict[str, Any] = {"source": "builtin:smollm2", "backend": "llamacpp", "max_batch_size": 16}
-    else:
-        chat = {"source": "builtin:smollm2", "passes": ["quantize:bits=4"], "max_ppl_increase": 0.01,
-                "max_batch_size": 16}
+    chat: dict[str, Any] = {"source": "builtin:smollm2", "max_batch_size": 16}
+    if missing_modules(("onnxruntime",)) is None:
+        chat |= {"backend": "onnxruntime", "passes": ["quantize:bits=4"], "max_ppl_increase": 0.01}
     return {"smollm2": chat, "minilm": {"source": "builtin:minilm"}}
 
 
