@@ -85,6 +85,33 @@ def run_case(model: Any, messages: list[dict[str, str]], max_tokens: int, stream
     return results[0], tokens / decode if tokens > 0 and decode > 0 else None
 
 
+#: llama-cpp-python on the same GGUF and token ids, greedy, decode only, in a process of its own
+#: (two threads calling llama.cpp's OpenMP build in one process slow each other down).
+LLAMA_CPP_PYTHON = """
+import json, sys, time
+import llama_cpp
+path, ids, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llama = llama_cpp.Llama(path, n_ctx=4096, n_threads=2, n_threads_batch=2, flash_attn=True, verbose=False)
+produced, first = 0, time.perf_counter()
+for token in llama.generate(ids, temp=0.0, top_k=1):
+    produced += 1
+    if produced == 1:
+        first = time.perf_counter()
+    if produced == tokens or token == llama.token_eos():
+        break
+print((produced - 1) / (time.perf_counter() - first))
+"""
+
+
+def llama_cpp_python_rate(gguf: Path, ids: list[int], max_tokens: int) -> float:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LLAMA_CPP_PYTHON, str(gguf), json.dumps(ids), str(max_tokens)],
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:smollm2")
@@ -98,6 +125,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--kinds", default="rewrite,summarise,extract,chat", help="which prompts to run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--llama-cpp-python", action="store_true",
+                        help="also run llama-cpp-python on the model's GGUF file (a GGUF source only)")
     args = parser.parse_args()
 
     import llmk
@@ -110,7 +139,8 @@ def main() -> int:
     flags = " ".join([f"--backend {args.backend}", *(f"--pass {p}" for p in args.passes),
                       *(f"--speculative {s}" for s in args.speculative), f"--max-tokens {args.max_tokens}",
                       f"--runs {args.runs}", *([f"--draft {args.draft}"] if args.draft else []),
-                      *([f"--streams {args.streams}"] if args.streams > 1 else [])])
+                      *([f"--streams {args.streams}"] if args.streams > 1 else []),
+                      *(["--llama-cpp-python"] if args.llama_cpp_python else [])])
     print(f"Command: `python bench/speculative.py {flags}`\n")
     rates: dict[tuple[str, str], list[float]] = {}
     counts: dict[str, dict[str, int]] = {name: {"drafted": 0, "accepted": 0, "steps": 0, "tokens": 0}
@@ -123,8 +153,16 @@ def main() -> int:
             models[name] = kernel.load(f"spec-{len(models)}", source=args.model, backend=args.backend,
                                        passes=args.passes, max_batch_size=args.streams, prefix_caching=False,
                                        speculative=section, draft=draft)
+        first = next(iter(models.values()))
+        gguf = first.version.plan.source.path if args.llama_cpp_python else None
+        if gguf is not None and gguf.suffix != ".gguf":
+            raise SystemExit(f"--llama-cpp-python needs a GGUF source; {args.model} is not one")
         for _ in range(args.runs):
             for case in cases:
+                if gguf is not None:
+                    ids = first.version.engine.tokenizer.apply_chat_template(case["messages"])
+                    rates.setdefault(("llama-cpp-python", case["kind"]), []).append(
+                        llama_cpp_python_rate(gguf, ids, args.max_tokens))
                 reference = None
                 for name, model in models.items():
                     engine = model.version.engine
@@ -144,7 +182,7 @@ def main() -> int:
     figures: dict[str, Any] = {"command": f"python bench/speculative.py {flags}", "settings": settings, "rows": []}
     print(f"| setting | {' | '.join(f'{k} tok/s' for k in kinds)} | acceptance | tokens/step |")
     print("|---|" + "---|" * (len(kinds) + 2))
-    for name in settings:
+    for name in [*settings, *(["llama-cpp-python"] if args.llama_cpp_python else [])]:
         cells, row = [], {"setting": name}
         for kind in kinds:
             values = rates.get((name, kind), [])
@@ -153,7 +191,7 @@ def main() -> int:
             ratio = median / statistics.median(base) if values and base else float("nan")
             cells.append(f"{median:.1f}" + ("" if name == "off" else f" ({ratio:.2f}×)"))
             row[kind] = {"tokens_per_second": round(median, 2), "speedup": round(ratio, 3), "samples": len(values)}
-        c = counts[name]
+        c = counts.get(name, {"drafted": 0, "accepted": 0, "steps": 0, "tokens": 0})
         acceptance = c["accepted"] / c["drafted"] if c["drafted"] else 0.0
         per_step = c["tokens"] / c["steps"] if c["steps"] else 0.0
         row.update(acceptance=round(acceptance, 4), tokens_per_step=round(per_step, 3), drafted=c["drafted"])

@@ -224,11 +224,13 @@ class KVCacheManager:
         while len(allocation.blocks) * self.block_size < length:
             index = len(allocation.blocks)
             block = self._block_for(allocation.slot, index)
-            self._take(block)
-            allocation.blocks.append(block)
+            # The reservation shrinks before the block is counted as used: gauges read from
+            # other threads (metrics, status) never see a block counted twice.
             if allocation.reserved > 0:
                 allocation.reserved -= 1
                 self.reserved -= 1
+            self._take(block)
+            allocation.blocks.append(block)
 
     def commit(self, allocation: KVAllocation, tokens: Sequence[int], final: int) -> None:
         """Positions below ``final`` hold final tokens (``tokens[:final]``): hash the

@@ -178,7 +178,12 @@ def temp_dirs(directory: Path) -> list[Path]:
 
 
 def entries(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if not p.name.startswith(TMP_PREFIX)) if directory.is_dir() else []
+    """The finished entries built by the step under test: not temp dirs, and not a GGUF
+    source's tokenizer (``sources/NAME-tokenizer``, read before any conversion starts)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if not p.name.startswith(TMP_PREFIX) and not p.name.endswith("-tokenizer"))
 
 
 #: The child: wraps the pause point so that, once it has run, the child writes the

@@ -88,7 +88,8 @@ def test_swap_across_backends_under_load_loses_no_request(kernel):
 
 def _corrupt_copy(tmp_path: Path) -> Path:
     """A copy of SmolLM2's converted directory whose weights file is cut short."""
-    (source,) = (Path(shared_cache_dir()) / "sources").glob("SmolLM2-135M-Instruct*")
+    (source,) = [d for d in (Path(shared_cache_dir()) / "sources").glob("SmolLM2-135M-Instruct*")
+                 if not d.name.endswith("-tokenizer")]  # the dequantized directory, not the GGUF's tokenizer
     copy = tmp_path / "smollm2-corrupt"
     copy.mkdir()
     for file in source.iterdir():
