@@ -15,7 +15,14 @@ one sequence, which is all llama.cpp needs, since it places cells itself.
 - ``release_blocks`` removes the positions, giving their cells back to the pool.
 
 The whole step is one ``llama_decode`` (llama.cpp splits it into micro-batches),
-so decode rows and prompt chunks share the weights' pass over memory.
+so decode rows and prompt chunks share the weights' pass over memory; every
+decode in the process runs on one thread (``on_compute_thread``).
+
+Numerics: a sequence's logits in a batch equal its logits alone up to llama.cpp's
+rounding, not bit for bit. Its attention sums in an order that depends on where
+the sequence's cells lie and on how many tokens the step carries (one token over
+512+ cells splits across threads), and its 8-bit activations amplify the
+difference; a near-tie may resolve differently, as in ``llama-server``.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ def on_compute_thread(function: Callable[..., T], *args: Any) -> T:
 
 
 def init_backend() -> None:
+    """Once per process: llama.cpp's log to llmk's (errors only), its backends ready."""
     global _initialized
     with _init_lock:
         if not _initialized:
