@@ -99,36 +99,10 @@ def row(kernel, backend: str, args: argparse.Namespace) -> str:  # noqa: ANN001 
             f"{figures['bare'].cell()} | {own.cell() if own else '–'} | {overhead:+.1%} | {ratio} |")
 
 
-#: llama-cpp-python's greedy loop on the same GGUF (its sampler chain in C), decode only, in a
-#: process of its own: two threads calling llama.cpp's OpenMP build in one process slow each
-#: other down (see llmk_backend_llamacpp.runner.on_compute_thread).
-LLAMA_CPP_PYTHON = """
-import json, sys, time
-import llama_cpp
-path, ids, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llama = llama_cpp.Llama(path, n_ctx=2048, n_threads=2, n_threads_batch=2, flash_attn=True, verbose=False)
-produced, first = 0, time.perf_counter()
-for _ in llama.generate(ids, temp=0.0, top_k=1):
-    produced += 1
-    if produced == 1:
-        first = time.perf_counter()
-    if produced == tokens:
-        break
-print((produced - 1) / (time.perf_counter() - first))
-"""
-
-
 def llama_cpp_generate(path: object, ids: list[int], tokens: int):  # noqa: ANN201 - a measurement closure
-    import json
-    import subprocess
-    import sys
+    from llmk.bench.peers import llama_cpp_python_decode_rate
 
-    def run() -> float:
-        done = subprocess.run([sys.executable, "-c", LLAMA_CPP_PYTHON, str(path), json.dumps(ids), str(tokens)],
-                              capture_output=True, text=True, check=True)
-        return float(done.stdout.strip().splitlines()[-1])
-
-    return run
+    return lambda: llama_cpp_python_decode_rate(str(path), ids, tokens)
 
 
 def hf_generate(path: object, tokens: int):  # noqa: ANN201 - a measurement closure

@@ -85,33 +85,6 @@ def run_case(model: Any, messages: list[dict[str, str]], max_tokens: int, stream
     return results[0], tokens / decode if tokens > 0 and decode > 0 else None
 
 
-#: llama-cpp-python on the same GGUF and token ids, greedy, decode only, in a process of its own
-#: (two threads calling llama.cpp's OpenMP build in one process slow each other down).
-LLAMA_CPP_PYTHON = """
-import json, sys, time
-import llama_cpp
-path, ids, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llama = llama_cpp.Llama(path, n_ctx=4096, n_threads=2, n_threads_batch=2, flash_attn=True, verbose=False)
-produced, first = 0, time.perf_counter()
-for token in llama.generate(ids, temp=0.0, top_k=1):
-    produced += 1
-    if produced == 1:
-        first = time.perf_counter()
-    if produced == tokens or token == llama.token_eos():
-        break
-print((produced - 1) / (time.perf_counter() - first))
-"""
-
-
-def llama_cpp_python_rate(gguf: Path, ids: list[int], max_tokens: int) -> float:
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", LLAMA_CPP_PYTHON, str(gguf), json.dumps(ids), str(max_tokens)],
-                          capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:smollm2")
@@ -130,6 +103,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import llmk
+    from llmk.bench.peers import llama_cpp_python_decode_rate
 
     settings = {"off": {"method": "off"}}
     for text in args.speculative or ["default"]:
@@ -162,7 +136,7 @@ def main() -> int:
                 if gguf is not None:
                     ids = first.version.engine.tokenizer.apply_chat_template(case["messages"])
                     rates.setdefault(("llama-cpp-python", case["kind"]), []).append(
-                        llama_cpp_python_rate(gguf, ids, args.max_tokens))
+                        llama_cpp_python_decode_rate(gguf, ids, args.max_tokens))
                 reference = None
                 for name, model in models.items():
                     engine = model.version.engine

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,12 +171,25 @@ class ServeProcess:
 
 
 @pytest.fixture(scope="session")
+def tied_llama(tiny_llama, tmp_path_factory):
+    """The tiny llama with its output head tied to the embedding table, as in SmolLM2."""
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path_factory.mktemp("tied") / "model"
+    shutil.copytree(tiny_llama, directory)
+    state = load_file(str(directory / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return directory
+
+
+@pytest.fixture(scope="session")
 def q4_grid_llama(tiny_llama, tmp_path_factory):
     """The tiny llama with its weights snapped to GGUF grids like SmolLM2's built-in
     ones: projections to Q4_1 (groups of 32, float scale and minimum), the
     embedding table to Q8_0 (groups of 32, symmetric int8)."""
-    import shutil
-
     import torch
     from safetensors.torch import load_file, save_file
 

@@ -83,21 +83,6 @@ def assert_same_greedy_and_logits(converted, reference, prompt: str, *, tokens: 
 
 # -- tiny models ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tied_llama(tiny_llama, tmp_path_factory):
-    """The tiny llama with its output head tied to the embedding table, as in SmolLM2."""
-    from safetensors.torch import load_file, save_file
-
-    directory = tmp_path_factory.mktemp("tied") / "model"
-    shutil.copytree(tiny_llama, directory)
-    state = load_file(str(directory / "model.safetensors"))
-    del state["lm_head.weight"]
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
-    return directory
-
-
 @pytest.mark.parametrize("model", ["tiny_llama", "tied_llama"])
 def test_tiny_llama_converted_matches_torch(kernel, request, model):
     directory = request.getfixturevalue(model)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,21 +24,6 @@ TEXT = (Path(llmk.__file__).parent / "data" / "wiki.txt").read_text()[:1500]
 def kernel(tmp_path_factory):
     with llmk.Kernel(cache_dir=tmp_path_factory.mktemp("pass-cache"), autoload=False) as kernel:
         yield kernel
-
-
-@pytest.fixture(scope="module")
-def tied_llama(tiny_llama, tmp_path_factory):
-    """The tiny llama with its output head tied to the embedding table, as in SmolLM2."""
-    from safetensors.torch import load_file, save_file
-
-    directory = tmp_path_factory.mktemp("tied") / "model"
-    shutil.copytree(tiny_llama, directory)
-    state = load_file(str(directory / "model.safetensors"))
-    del state["lm_head.weight"]
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
-    return directory
 
 
 def ppl(kernel, name, source, **fields):

@@ -35,14 +35,8 @@ LONG = " ".join(tiny_corpus()[:4])  # ~70 tokens of the tiny tokenizer
 EAGER = {"num_draft": 4, "max_batch": 8, "min_acceptance": 0.0}
 
 
-class Oracle:
-    """A proposer that drafts the reference continuation, ``truth(prompt_ids, n)``,
-    with one draft made wrong on every ``wrong``-th call (0: never), for the
-    sequences ``only`` picks: kept and rejected drafts whose outcome the test knows."""
-
-    def __init__(self, truth, *, wrong: int = 3, vocab: int = 480, only=lambda sequence: True):
-        self.truth, self.wrong, self.vocab, self.only = truth, wrong, vocab, only
-        self.calls = 0
+class QuietProposer:
+    """A proposer that keeps no state per sequence: only ``propose`` is its own."""
 
     def start(self, sequence):
         pass
@@ -52,6 +46,16 @@ class Oracle:
 
     def verified(self, sequence, length):
         pass
+
+
+class Oracle(QuietProposer):
+    """A proposer that drafts the reference continuation, ``truth(prompt_ids, n)``,
+    with one draft made wrong on every ``wrong``-th call (0: never), for the
+    sequences ``only`` picks: kept and rejected drafts whose outcome the test knows."""
+
+    def __init__(self, truth, *, wrong: int = 3, vocab: int = 480, only=lambda sequence: True):
+        self.truth, self.wrong, self.vocab, self.only = truth, wrong, vocab, only
+        self.calls = 0
 
     def propose(self, rows):
         drafts = []
@@ -360,7 +364,7 @@ class MarkovRunner(Runner):
         return np.stack([np.exp(self.next_logits(token)[SUPPORT]) for token in SUPPORT])
 
 
-class AlwaysDraft:
+class AlwaysDraft(QuietProposer):
     """Drafts ``k`` tokens every step: point masses from a fixed pattern, or samples
     of a draft model's ``q`` (each draft's distribution stored where the engine
     reads it, like ``DraftModel``)."""
@@ -368,15 +372,6 @@ class AlwaysDraft:
     def __init__(self, vocab: int, q: np.ndarray | None = None):
         self.vocab, self.q = vocab, q
         self.rng = np.random.default_rng(1)
-
-    def start(self, sequence):
-        pass
-
-    def end(self, sequence):
-        pass
-
-    def verified(self, sequence, length):
-        pass
 
     def propose(self, rows):
         drafts = []

@@ -181,3 +181,31 @@ def genai_config(tokenizer_dir: Path) -> dict[str, Any]:
         "search": {"do_sample": False, "num_beams": 1, "max_length": config.get("max_position_embeddings", 2048),
                    "past_present_share_buffer": False},
     }
+
+
+#: llama-cpp-python's greedy loop (its sampler chain in C) on a GGUF and given token ids, decode
+#: only, as its users run it (2 threads, flash attention), in a process of its own: two threads
+#: calling llama.cpp's OpenMP build in one process slow each other down
+#: (``llmk_backend_llamacpp.runner.on_compute_thread``).
+_LLAMA_CPP_PYTHON_DECODE = """
+import json, sys, time
+import llama_cpp
+path, ids, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llama = llama_cpp.Llama(path, n_ctx=max(2048, len(ids) + tokens), n_threads=2, n_threads_batch=2, flash_attn=True,
+                        verbose=False)
+produced, first = 0, time.perf_counter()
+for token in llama.generate(ids, temp=0.0, top_k=1):
+    produced += 1
+    if produced == 1:
+        first = time.perf_counter()
+    if produced == tokens or token == llama.token_eos():
+        break
+print((produced - 1) / (time.perf_counter() - first))
+"""
+
+
+def llama_cpp_python_decode_rate(gguf: str | Path, ids: list[int], tokens: int, python: str | None = None) -> float:
+    """Decode tokens/s (after the first token) of llama-cpp-python on ``gguf``, greedy, in a fresh process."""
+    done = subprocess.run([python or sys.executable, "-c", _LLAMA_CPP_PYTHON_DECODE, str(gguf), json.dumps(ids),
+                           str(tokens)], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
