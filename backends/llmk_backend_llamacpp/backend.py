@@ -40,7 +40,7 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
     artifact_format = "gguf"
     requires = ("llama_cpp",)
-    install = "pip install 'llmk[llamacpp]'  # compiles llama.cpp, ~10 min on 2 cores"
+    install = "pip install 'llmk[llamacpp]'  # compiles llama.cpp, ~7 min on 2 cores"
     # Resident per byte of GGUF file after warm-up (weights mapped, compute buffers): measured
     # on SmolLM2 Q4_1, see docs/BENCHMARKS.md.
     memory_factor: ClassVar[float] = 1.2
