@@ -209,10 +209,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    overrides = {"server": {"host": args.host, "port": args.port}, "kernel": {"cache_dir": args.cache_dir}}
+    if args.ray is not None:
+        from llmk.backend import missing_modules
+
+        if missing_modules(("ray",)) is not None:
+            from llmk.ray import INSTALL
+
+            print(f"llmk serve: --ray needs Ray Serve: {INSTALL}", file=sys.stderr)
+            return 2
+        from llmk import ray
+
+        return ray.serve(args.config, None if args.ray == LOCAL_RAY else args.ray, overrides)
     from llmk.server import serve
 
-    return serve(args.config, overrides={"server": {"host": args.host, "port": args.port},
-                                         "kernel": {"cache_dir": args.cache_dir}})
+    return serve(args.config, overrides=overrides)
+
+
+#: ``--ray`` given without an address: start a Ray cluster on this machine.
+LOCAL_RAY = "local"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -295,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, help="YAML config (default: serve builtin:smollm2 and builtin:minilm)")
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or the config's)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000, or the config's; 0 picks one)")
+    serve.add_argument("--ray", nargs="?", const=LOCAL_RAY, default=None, metavar="ADDRESS",
+                       help="serve on Ray Serve (the config's ray: section): join the cluster at ADDRESS "
+                            "('auto': the one this machine is in), or start one here when none is given")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="llmk and its peers: decode speed, latency, load time, memory, quality, "

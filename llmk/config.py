@@ -4,6 +4,7 @@
 server: {host: 127.0.0.1, port: 8000, admin_token_env: LLMK_ADMIN_TOKEN}
 kernel: {cache_dir: ~/.cache/llmk, memory_budget: 8GiB}
 plugins: {disable: []}
+ray: {num_replicas: 2, max_models_per_replica: 2}   # llmk serve --ray only
 models:
   chat:  {source: builtin:smollm2, backend: openvino, passes: [quantize], max_batch_size: 8}
   embed: {source: builtin:minilm, backend: onnxruntime}
@@ -22,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmk.errors import LlmkError, format_validation_error
 from llmk.memory import parse_size
@@ -130,6 +131,76 @@ class PluginsConfig(_Section):
     autoload: bool = True
 
 
+class AutoscalingConfig(_Section):
+    """Ray Serve's autoscaling on ongoing requests per replica (its defaults where unset)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    #: Requests in flight per replica (queued or generating) that autoscaling aims for.
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    #: Seconds the load must stay above (below) target before a replica is added (removed).
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    #: Seconds of history the load is averaged over.
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is more than max_replicas ({self.max_replicas})")
+        return self
+
+
+class ActorOptions(_Section):
+    """What Ray reserves for each replica (its scheduler places replicas by these)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    #: Memory Ray reserves for the replica (a size: ``4GiB``); unset, none is reserved.
+    memory: int | str | None = None
+    #: Custom Ray resources (``{"accelerator_h100": 1}``).
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        parse_size(value)
+        return value
+
+    def ray(self) -> dict[str, Any]:
+        """Ray's ``ray_actor_options``."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory is not None:
+            options["memory"] = parse_size(self.memory)
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+
+class RayConfig(_Section):
+    """How ``llmk serve --ray`` runs the config on Ray Serve (``llmk.ray``); ignored otherwise."""
+
+    #: A fixed number of replicas; or ``autoscaling`` (not both).
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    #: Models one replica holds at once (least recently used unloaded first); the memory
+    #: budget (``kernel.memory_budget``) also applies inside each replica.
+    max_models_per_replica: int = Field(2, ge=1)
+    #: Requests one replica takes at once (queued in its engine or generating); more wait in Ray.
+    max_ongoing_requests: int = Field(64, ge=1)
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    #: The Ray Serve application's name (one cluster may run several).
+    app_name: str = Field("llmk", min_length=1)
+    #: Times a request whose replica died is tried again on another one.
+    max_retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> RayConfig:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("give num_replicas or autoscaling, not both")
+        return self
+
+
 class ModelConfig(ModelSpec):
     """A model to serve: a ``ModelSpec`` plus how the lifecycle manager treats it."""
 
@@ -148,6 +219,7 @@ class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     kernel: KernelConfig = Field(default_factory=KernelConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     models: dict[str, ModelConfig] = Field(default_factory=lambda: {
         name: ModelConfig.model_validate(fields) for name, fields in default_models().items()})
 

@@ -209,3 +209,15 @@ def q4_grid_llama(tiny_llama, tmp_path_factory):
             state[name] = (torch.round(groups / scale) * scale).reshape(weight.shape)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory
+
+
+@pytest.fixture(scope="session")
+def fake_site(tmp_path_factory) -> Path:
+    """A site directory holding a plugin package that registers llmk's fake backend."""
+    site = tmp_path_factory.mktemp("fake-site")
+    (site / "llmk_daemon_fake.py").write_text("from llmk.testing import FakePlugin\nplugin = FakePlugin()\n")
+    info = site / "llmk_daemon_fake-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llmk-daemon-fake\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[llmk]\nfake = llmk_daemon_fake:plugin\n")
+    return site

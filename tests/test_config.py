@@ -49,6 +49,11 @@ models:
         ("surver: {}", "surver: Extra inputs are not permitted"),
         ("[1, 2]", "the top level must be a mapping"),
         ("server: {port: [", "not valid YAML"),
+        ("ray: {num_replicas: 2, autoscaling: {max_replicas: 4}}", "ray: .*num_replicas or autoscaling, not both"),
+        ("ray: {autoscaling: {min_replicas: 3, max_replicas: 2}}", r"ray.autoscaling: .*min_replicas \(3\) is more"),
+        ("ray: {ray_actor_options: {memory: lots}}", "ray.ray_actor_options.memory: .*'lots' is not a size"),
+        ("ray: {max_models_per_replica: 0}", "ray.max_models_per_replica: Input should be greater"),
+        ("ray: {replicas: 2}", "ray.replicas: Extra inputs"),
     ],
 )
 def test_a_bad_file_names_the_key_and_the_reason(tmp_path, text, message):
@@ -56,6 +61,17 @@ def test_a_bad_file_names_the_key_and_the_reason(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(path, environ={})
     assert str(path) in str(info.value)
+
+
+def test_the_ray_section_becomes_ray_serve_options(tmp_path):
+    config = load_config(write(tmp_path, """
+ray:
+  autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
+  ray_actor_options: {num_cpus: 2, memory: 4GiB, resources: {big_node: 1}}
+"""), environ={})
+    assert config.ray.num_replicas is None and config.ray.autoscaling.max_replicas == 4
+    assert config.ray.ray_actor_options.ray() == {"num_cpus": 2.0, "num_gpus": 0.0, "memory": 4 * 2**30,
+                                                  "resources": {"big_node": 1.0}}
 
 
 def test_a_missing_file_is_named(tmp_path):

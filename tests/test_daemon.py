@@ -27,18 +27,6 @@ TOKEN_ENV = "LLMK_TEST_ADMIN_TOKEN"
 TOKEN = "s3cret-token"
 
 
-@pytest.fixture(scope="module")
-def fake_site(tmp_path_factory) -> Path:
-    """A site directory holding a plugin package that registers llmk's fake backend."""
-    site = tmp_path_factory.mktemp("fake-site")
-    (site / "llmk_daemon_fake.py").write_text("from llmk.testing import FakePlugin\nplugin = FakePlugin()\n")
-    info = site / "llmk_daemon_fake-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llmk-daemon-fake\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[llmk]\nfake = llmk_daemon_fake:plugin\n")
-    return site
-
-
 def start(directory: Path, config: str, site: Path | None = None, token: str | None = None,
           **kwargs) -> tuple[ServeProcess, Path]:
     path = directory / "llmk.yaml"

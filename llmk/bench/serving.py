@@ -338,14 +338,18 @@ def llmk_model(source: str, backend: str, passes: list[str], clients: int, **opt
 
 
 @contextlib.contextmanager
-def llmk_server(python: str, model: dict[str, Any], cache_dir: str | None) -> Iterator[str]:
-    """``llmk serve`` with one model, ``bench`` (``llmk_model``); yields its base URL."""
+def llmk_server(python: str, model: dict[str, Any], cache_dir: str | None,
+                ray: dict[str, Any] | None = None) -> Iterator[str]:
+    """``llmk serve`` with one model, ``bench`` (``llmk_model``); yields its base URL.
+    With ``ray`` (the config's ``ray:`` section), ``llmk serve --ray`` on a Ray cluster
+    it starts on this machine."""
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "llmk.yaml"
-        config.write_text(f"server: {{port: 0}}\nmodels:\n  bench: {json.dumps(model)}\n")
+        section = f"ray: {json.dumps(ray)}\n" if ray is not None else ""
+        config.write_text(f"server: {{port: 0}}\n{section}models:\n  bench: {json.dumps(model)}\n")
         args = [python, "-m", "llmk.cli"] + (["--cache-dir", cache_dir] if cache_dir else [])
-        process = subprocess.Popen([*args, "serve", "--config", str(config)], stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True)
+        args += ["serve", "--config", str(config)] + (["--ray"] if ray is not None else [])
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -409,8 +413,13 @@ def llama_server_plan(binary: str | Path, gguf: Path, threads: int, clients: int
                   lambda: llama_server(command))
 
 
-def llmk_plan(python: str, model: dict[str, Any], cache_dir: str | None) -> Server:
+def llmk_plan(python: str, model: dict[str, Any], cache_dir: str | None,
+              ray: dict[str, Any] | None = None) -> Server:
     passes = " ".join(model.get("passes") or []) or "none"
+    if ray is not None:
+        return Server(f"llmk serve --ray ({model.get('backend')} {passes})",
+                      f"llmk serve --ray, ray: {json.dumps(ray)}, model: {json.dumps(model)}",
+                      lambda: llmk_server(python, model, cache_dir, ray))
     return Server(f"llmk serve ({model.get('backend')} {passes})", f"llmk serve, model: {json.dumps(model)}",
                   lambda: llmk_server(python, model, cache_dir))
 

@@ -34,6 +34,7 @@ from llmk.server.errors import ApiError, api_error
 from llmk.server.metrics import note
 
 if TYPE_CHECKING:
+    from llmk.config import Config
     from llmk.server.daemon import Daemon
 
 
@@ -43,15 +44,7 @@ class NewModel(ModelConfig):
 
 def router(daemon: Daemon) -> APIRouter:
     def authorized(request: Request) -> None:
-        token = daemon.admin_token
-        if not token:
-            raise ApiError(403, f"the management API is off: set the environment variable "
-                                f"{daemon.config.server.admin_token_env} to a token to turn it on",
-                           "permission_error", code="admin_disabled")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise ApiError(401, "the management API needs 'Authorization: Bearer <token>' with the admin token",
-                           "authentication_error", code="invalid_token", headers={"WWW-Authenticate": "Bearer"})
+        check_token(request, daemon.admin_token, daemon.config)
 
     admin = APIRouter(prefix="/admin", dependencies=[Depends(authorized)])
 
@@ -68,24 +61,7 @@ def router(daemon: Daemon) -> APIRouter:
             raise api_error(error) from None
 
     def allowed(source: str | None, param: str = "source") -> None:
-        """Refuse a local path outside ``server.model_roots`` and the config file's own
-        sources: the same 403 whether or not anything exists there. ``param`` names the
-        field (a draft model's source is held to the same rule)."""
-        if source is None:
-            return
-        if "\x00" in source:
-            raise ApiError(400, f"{param}: a NUL character cannot be in a path or a source name", param=param)
-        if not _is_path(source):
-            return  # builtin: or a plugin's scheme: no file system behind the caller's string
-        path = os.path.realpath(os.path.expanduser(source))
-        roots = [os.path.realpath(os.path.expanduser(root)) for root in daemon.config.server.model_roots]
-        named = {os.path.realpath(os.path.expanduser(s)) for m in daemon.config.models.values()
-                 for s in (m.source, m.draft) if s is not None and _is_path(s)}
-        if path in named or any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
-            return
-        raise ApiError(403, f"{param} {source!r} is not under a directory this server loads from "
-                       "(server.model_roots) nor named in its config file", "permission_error",
-                       param=param, code="source_not_allowed")
+        check_source(source, daemon.config, param)
 
     @admin.get("/models")
     async def list_models() -> dict[str, Any]:
@@ -131,6 +107,39 @@ def router(daemon: Daemon) -> APIRouter:
         return report.as_dict()
 
     return admin
+
+
+def check_token(request: Request, token: str | None, config: Config) -> None:
+    """The management API's door: off without a token, 401 without the right one."""
+    if not token:
+        raise ApiError(403, f"the management API is off: set the environment variable "
+                            f"{config.server.admin_token_env} to a token to turn it on",
+                       "permission_error", code="admin_disabled")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(401, "the management API needs 'Authorization: Bearer <token>' with the admin token",
+                       "authentication_error", code="invalid_token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def check_source(source: str | None, config: Config, param: str = "source") -> None:
+    """Refuse a local path outside ``server.model_roots`` and the config file's own
+    sources: the same 403 whether or not anything exists there. ``param`` names the
+    field (a draft model's source is held to the same rule)."""
+    if source is None:
+        return
+    if "\x00" in source:
+        raise ApiError(400, f"{param}: a NUL character cannot be in a path or a source name", param=param)
+    if not _is_path(source):
+        return  # builtin: or a plugin's scheme: no file system behind the caller's string
+    path = os.path.realpath(os.path.expanduser(source))
+    roots = [os.path.realpath(os.path.expanduser(root)) for root in config.server.model_roots]
+    named = {os.path.realpath(os.path.expanduser(s)) for m in config.models.values()
+             for s in (m.source, m.draft) if s is not None and _is_path(s)}
+    if path in named or any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+        return
+    raise ApiError(403, f"{param} {source!r} is not under a directory this server loads from "
+                   "(server.model_roots) nor named in its config file", "permission_error",
+                   param=param, code="source_not_allowed")
 
 
 def _is_path(source: str) -> bool:

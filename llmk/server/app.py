@@ -38,39 +38,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.add_middleware(BodyLimit, limit=lambda: daemon.config.server.max_body_bytes)  # read per request: reloads
     app.add_middleware(RequestLog, metrics=daemon.metrics)
 
-    @app.exception_handler(ApiError)
-    async def _on_api_error(request: Request, error: ApiError) -> JSONResponse:
-        return error_response(error)
-
-    @app.exception_handler(RequestValidationError)
-    async def _on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(error.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        if isinstance(error, BodyRefused):
-            return error_response(error.error)
-        headers = dict(error.headers or {})
-        if error.status_code == 405:  # every method the path serves, not only its first route's
-            headers["Allow"] = allowed_methods(app, request.scope) or headers.get("Allow", "")
-        cause = error.__cause__  # FastAPI's "There was an error parsing the body" hides why
-        if error.status_code == 400 and isinstance(cause, UnicodeDecodeError):
-            return error_response(ApiError(400, f"the body is not valid UTF-8: {cause.reason}", code="invalid_json"))
-        if error.status_code == 400 and isinstance(cause, RecursionError):
-            return error_response(ApiError(400, f"the JSON nests deeper than {MAX_JSON_DEPTH} levels",
-                                           code="invalid_json"))
-        return error_response(ApiError(error.status_code, str(error.detail), code=str(error.status_code),
-                                       headers=headers))
-
-    @app.exception_handler(LlmkError)
-    async def _on_kernel_error(request: Request, error: LlmkError) -> JSONResponse:
-        # A kernel error no route caught (one raised while a body is validated): its usual answer.
-        return error_response(api_error(error))
-
-    @app.exception_handler(Exception)
-    async def _on_crash(request: Request, error: Exception) -> JSONResponse:
-        # A bug: still an OpenAI-style 500 (Starlette re-raises it after, so the traceback is logged).
-        return error_response(api_error(error))
+    handle_errors(app)
 
     app.include_router(api.router(daemon))
     app.include_router(responses.router(daemon))
@@ -116,6 +84,44 @@ def create_app(daemon: Daemon) -> FastAPI:
 
 
 # -- errors ----------------------------------------------------------------------------------
+
+
+def handle_errors(app: FastAPI) -> None:
+    """Every error as an OpenAI-style body with its status (the daemon's app and the Ray ingress)."""
+
+    @app.exception_handler(ApiError)
+    async def _on_api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(error.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if isinstance(error, BodyRefused):
+            return error_response(error.error)
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # every method the path serves, not only its first route's
+            headers["Allow"] = allowed_methods(app, request.scope) or headers.get("Allow", "")
+        cause = error.__cause__  # FastAPI's "There was an error parsing the body" hides why
+        if error.status_code == 400 and isinstance(cause, UnicodeDecodeError):
+            return error_response(ApiError(400, f"the body is not valid UTF-8: {cause.reason}", code="invalid_json"))
+        if error.status_code == 400 and isinstance(cause, RecursionError):
+            return error_response(ApiError(400, f"the JSON nests deeper than {MAX_JSON_DEPTH} levels",
+                                           code="invalid_json"))
+        return error_response(ApiError(error.status_code, str(error.detail), code=str(error.status_code),
+                                       headers=headers))
+
+    @app.exception_handler(LlmkError)
+    async def _on_kernel_error(request: Request, error: LlmkError) -> JSONResponse:
+        # A kernel error no route caught (one raised while a body is validated): its usual answer.
+        return error_response(api_error(error))
+
+    @app.exception_handler(Exception)
+    async def _on_crash(request: Request, error: Exception) -> JSONResponse:
+        # A bug: still an OpenAI-style 500 (Starlette re-raises it after, so the traceback is logged).
+        return error_response(api_error(error))
 
 
 #: Validation errors at the body's root that mean "the body is not a JSON object".

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 log = get_logger("llmk.server")
 
 #: Settings a running daemon cannot change; a reload that changes them says so.
-RESTART_ONLY = {"server": ("host", "port"), "kernel": ("cache_dir",), "plugins": ("disable", "autoload")}
+RESTART_ONLY = {"server": ("host", "port"), "kernel": ("cache_dir",), "plugins": ("disable", "autoload"),
+                "ray": ("num_replicas", "autoscaling", "max_models_per_replica", "max_ongoing_requests",
+                        "ray_actor_options", "app_name")}
 
 
 def _say(message: str) -> None:
@@ -61,13 +63,18 @@ class ReloadReport:
 class Daemon:
     """The serving process's state: its kernel, its current config, its metrics."""
 
-    def __init__(self, config_path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None):
+    def __init__(self, config_path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                 *, config: Config | None = None, on_demand: bool = False):
+        """``config`` (already validated) instead of reading ``config_path``; ``on_demand``:
+        configured models load when first asked for (``load``), and a reload swaps only
+        those loaded (a Ray replica, ``llmk.ray``), instead of all at start."""
         from llmk.kernel import Kernel
         from llmk.server.app import create_app
 
         self.config_path = Path(config_path) if config_path is not None else None
         self.overrides = overrides or {}
-        self.config = self._read()
+        self.config = config if config is not None else self._read()
+        self.on_demand = on_demand
         self.metrics = Metrics()
         k = self.config.kernel
         self.kernel = Kernel(cache_dir=k.cache_dir, disable=self.config.plugins.disable,
@@ -111,16 +118,21 @@ class Daemon:
     # -- reload -------------------------------------------------------------------
     def reload(self, trigger: str) -> ReloadReport:
         """Read the config again and reconcile the models with it (one reload at a time)."""
+        try:
+            new = self._read()
+        except ConfigError as error:
+            self.metrics.reloads.labels("invalid").inc()
+            log.error("config.reload_failed", trigger=trigger, error=str(error))
+            _say(f"reload ({trigger}) refused, nothing changed: {error}")
+            return ReloadReport(trigger, ok=False, error=str(error))
+        return self.apply(new, trigger)
+
+    def apply(self, new: Config, trigger: str) -> ReloadReport:
+        """Reconcile the models with ``new``: load the new ones (on demand: later), hot-swap
+        the changed ones, unload the removed ones; the settings that need a restart keep
+        their running values."""
         with self._reload_lock:
             report = ReloadReport(trigger)
-            try:
-                new = self._read()
-            except ConfigError as error:
-                report.ok, report.error = False, str(error)
-                self.metrics.reloads.labels("invalid").inc()
-                log.error("config.reload_failed", trigger=trigger, error=str(error))
-                _say(f"reload ({trigger}) refused, nothing changed: {error}")
-                return report
             old, running = self.config, set(self.kernel.names())
             report.restart_required = [f"{section}.{key}" for section, keys in RESTART_ONLY.items() for key in keys
                                        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
@@ -134,6 +146,8 @@ class Daemon:
                     report.unloaded.append(name)
             for name, model in new.models.items():
                 before = old.models.get(name)
+                if self.on_demand and name not in running:
+                    continue  # loads with the new spec when first asked for
                 if name in running and before is not None and before.spec() == model.spec():
                     bucket = report.unchanged if before == model else report.updated
                 else:
