@@ -291,6 +291,8 @@ class FakeOptions(BackendOptions):
     fail_warmup: bool = False
     #: ``forward`` raises when a step feeds this token id (-1: never).
     fail_on_token: int = -1
+    #: ``forward`` blocks for an hour when a step feeds this token id (-1: never): a stuck engine.
+    hang_on_token: int = -1
     #: Every sequence emits ``</s>`` as its Nth generated token; 0 never does.
     eos_at: int = Field(0, ge=0)
     #: Shifts the next-token function, so that two versions generate differently.
@@ -407,6 +409,8 @@ class FakeRunner(Runner):
             raise RuntimeError("forward before allocate_cache")
         if len({s.slot for s in steps}) != len(steps):
             raise ValueError(f"two steps share a slot: {[s.slot for s in steps]}")
+        if any(self.options.hang_on_token in s.tokens for s in steps):
+            time.sleep(3600)
         if any(self.options.fail_on_token in s.tokens for s in steps):
             raise ValueError(f"fake failure: a step fed token {self.options.fail_on_token} (fail_on_token)")
         self.steps.append([(s.slot, s.start, len(s.tokens), s.logits) for s in steps])

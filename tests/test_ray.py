@@ -65,7 +65,7 @@ def cluster(fake_site: Path) -> Iterator[dict[str, str]]:
 def deploy(cluster: dict[str, str], directory: Path, ray: dict, models: dict) -> tuple[ServeProcess, Path]:
     """``llmk serve --config FILE --ray ADDRESS`` with ``ray`` and ``models`` as its config."""
     config = {"server": {"port": int(cluster["http_port"]), "admin_token_env": TOKEN_ENV, "watch_config": False,
-                         "request_timeout": 120, "shutdown_timeout": 10},
+                         "request_timeout": 120, "shutdown_timeout": 10, "stall_timeout": 3},
               "kernel": {"cache_dir": str(directory / "cache")}, "ray": ray, "models": models}
     path = directory / "llmk.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -76,7 +76,9 @@ def deploy(cluster: dict[str, str], directory: Path, ray: dict, models: dict) ->
 def fleet_models(tiny_llama: Path) -> dict:
     tiny = {"source": str(tiny_llama), "backend": "torch"}
     return {"chat": tiny, "chat2": {**tiny, "max_batch_size": 4}, "chat3": {**tiny, "max_batch_size": 2},
-            "slow": {"source": "fake:slow", "backend": "fake", "options": {"delay": 0.02}}}
+            "slow": {"source": "fake:slow", "backend": "fake", "options": {"delay": 0.02}},
+            # Its engine blocks on the pad token (id 2: never in a warm-up or a generated text).
+            "stuck": {"source": "fake:stuck", "backend": "fake", "options": {"hang_on_token": 2}}}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,7 @@ def test_the_openai_client_works_unchanged(fleet):
 
     process, _ = fleet
     client = process.client()
-    assert {m.id for m in client.models.list()} == {"chat", "chat2", "chat3", "slow"}
+    assert {m.id for m in client.models.list()} == {"chat", "chat2", "chat3", "slow", "stuck"}
     reply = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=8, temperature=0)
     again = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
@@ -145,6 +147,11 @@ def test_the_openai_client_works_unchanged(fleet):
     assert chunks[-1].choices[0].finish_reason == "length"
     completion = client.completions.create(model="chat2", prompt="once upon", max_tokens=5)
     assert completion.usage.completion_tokens == 5
+    # Stored responses are the fleet's: any replica finds one that another created.
+    first = client.responses.create(model="chat", input="Hi", max_output_tokens=4)
+    follow = client.responses.create(model="chat", input="And?", max_output_tokens=4, previous_response_id=first.id)
+    assert follow.usage.input_tokens > first.usage.input_tokens  # the first exchange is in its prompt
+    assert all(client.responses.retrieve(first.id).id == first.id for _ in range(4))
     # Errors are llmk serve's: the same statuses and bodies.
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
@@ -159,6 +166,8 @@ def test_the_openai_client_works_unchanged(fleet):
     assert httpx.get(process.url + "/health").json() == {"status": "ok"}
     assert httpx.get(process.url + "/v1/models/slow").json()["id"] == "slow"
     assert httpx.get(process.url + "/v1/models/nope").status_code == 404
+    paths = httpx.get(process.url + "/openapi.json").json()["paths"]  # llmk serve's schema
+    assert {"/v1/chat/completions", "/v1/responses", "/admin/models"} <= set(paths)
 
 
 def test_more_models_than_a_replica_holds_all_serve(fleet):
@@ -291,6 +300,22 @@ def test_a_reload_rolls_out_replica_by_replica(fleet, tiny_llama):
     refused = admin(process, "POST", "/admin/reload")
     assert refused.status_code == 400 and "modelz" in refused.json()["error"]["message"]
     assert ask(process, "extra").status_code == 200  # nothing changed
+
+
+def test_a_stalled_engine_fails_ray_s_health_check_and_its_replica_is_replaced(fleet):
+    """The engines' watchdog is the replica's liveness: a stuck engine fails its waiting
+    request (503 model_stalled, after server.stall_timeout) and Ray's health check,
+    and Ray starts a new replica in place of the stuck one."""
+    process, _ = fleet
+    answer = httpx.post(process.url + "/v1/completions", json={"model": "stuck", "prompt": [2], "max_tokens": 2},
+                        timeout=300)
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_stalled", answer.text
+    stuck = [v["replica"] for v in admin(process, "GET", "/admin/models").json()["data"]
+             if v["name"] == "stuck" and v["current"] and v["stalled_since"] is not None]
+    if stuck:  # Ray may have replaced it already
+        wait_members(process, 2, without=stuck[0])
+    assert not [v for v in admin(process, "GET", "/admin/models").json()["data"] if v["stalled_since"] is not None]
+    assert ask(process, "chat").status_code == 200
 
 
 def test_sigterm_deletes_the_application_and_exits(fleet):

@@ -232,13 +232,15 @@ def test_store_false_previous_ids_and_delete(daemon, client):
 
 
 def test_the_store_keeps_the_last_ones():
+    import asyncio
+
     store = ResponseStore(limit=3)
     for i in range(5):
-        store.put({"id": f"resp_{i}", "output": [{"type": "message", "content": [{"text": f"t{i}"}]}]},
-                  [{"role": "user", "content": "q"}])
-    assert len(store) == 3 and store.get("resp_1") is None
-    assert store.get("resp_4").conversation == [{"role": "user", "content": "q"},
-                                                {"role": "assistant", "content": "t4"}]
+        asyncio.run(store.put({"id": f"resp_{i}", "output": [{"type": "message", "content": [{"text": f"t{i}"}]}]},
+                              [{"role": "user", "content": "q"}]))
+    assert len(store) == 3 and asyncio.run(store.get("resp_1")) is None
+    assert asyncio.run(store.get("resp_4")).conversation == [{"role": "user", "content": "q"},
+                                                             {"role": "assistant", "content": "t4"}]
 
 
 def raw_events(lines):
@@ -305,8 +307,11 @@ def run_sse(chunks, error=None, max_calls=None, hold_space=False):
     stream, kept = Chunks(chunks, error), []
     events = StreamEvents(draft(ResponseBody(model="m", input="x")), max_calls, hold_space=hold_space)
 
+    async def keep(response):
+        kept.append(response)
+
     async def collect():
-        return [line async for line in _sse(Scoped(), stream, events, kept.append, 30.0)]
+        return [line async for line in _sse(Scoped(), stream, events, keep, 30.0)]
 
     lines = "".join(asyncio.run(collect())).splitlines()
     assert stream.closed

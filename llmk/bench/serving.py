@@ -35,6 +35,7 @@ import concurrent.futures
 import contextlib
 import json
 import math
+import os
 import re
 import shlex
 import socket
@@ -339,17 +340,18 @@ def llmk_model(source: str, backend: str, passes: list[str], clients: int, **opt
 
 @contextlib.contextmanager
 def llmk_server(python: str, model: dict[str, Any], cache_dir: str | None,
-                ray: dict[str, Any] | None = None) -> Iterator[str]:
+                ray: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
     """``llmk serve`` with one model, ``bench`` (``llmk_model``); yields its base URL.
     With ``ray`` (the config's ``ray:`` section), ``llmk serve --ray`` on a Ray cluster
-    it starts on this machine."""
+    it starts on this machine; ``env`` is added to the server's environment."""
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "llmk.yaml"
         section = f"ray: {json.dumps(ray)}\n" if ray is not None else ""
         config.write_text(f"server: {{port: 0}}\n{section}models:\n  bench: {json.dumps(model)}\n")
         args = [python, "-m", "llmk.cli"] + (["--cache-dir", cache_dir] if cache_dir else [])
         args += ["serve", "--config", str(config)] + (["--ray"] if ray is not None else [])
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   env={**os.environ, **(env or {})})
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -414,12 +416,13 @@ def llama_server_plan(binary: str | Path, gguf: Path, threads: int, clients: int
 
 
 def llmk_plan(python: str, model: dict[str, Any], cache_dir: str | None,
-              ray: dict[str, Any] | None = None) -> Server:
+              ray: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Server:
     passes = " ".join(model.get("passes") or []) or "none"
     if ray is not None:
-        return Server(f"llmk serve --ray ({model.get('backend')} {passes})",
-                      f"llmk serve --ray, ray: {json.dumps(ray)}, model: {json.dumps(model)}",
-                      lambda: llmk_server(python, model, cache_dir, ray))
+        shown = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+        return Server(f"llmk serve --ray ({model.get('backend')} {passes}{', ' + shown if shown else ''})",
+                      f"{shown + ' ' if shown else ''}llmk serve --ray, ray: {json.dumps(ray)}, "
+                      f"model: {json.dumps(model)}", lambda: llmk_server(python, model, cache_dir, ray, env))
     return Server(f"llmk serve ({model.get('backend')} {passes})", f"llmk serve, model: {json.dumps(model)}",
                   lambda: llmk_server(python, model, cache_dir))
 

@@ -25,8 +25,8 @@ _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 def create_ingress_app(ingress: Ingress) -> FastAPI:
-    app = FastAPI(title="llmk", version=__version__,
-                  description="An OpenAI-compatible LLM kernel daemon, on Ray Serve")
+    # The API's schema and docs are the replicas' (llmk serve's own), not this relay's.
+    app = FastAPI(title="llmk", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=lambda: ingress.config.server.max_body_bytes)
     handle_errors(app)
 
@@ -49,6 +49,9 @@ def create_ingress_app(ingress: Ingress) -> FastAPI:
     @app.api_route("/v1/{path:path}", methods=_METHODS, response_model=None)
     async def forwarded(request: Request) -> Any:
         return await ingress.forward(request)
+
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        app.add_api_route(path, forwarded, methods=["GET"], response_model=None, include_in_schema=False)
 
     @app.get("/health")
     async def health() -> Any:

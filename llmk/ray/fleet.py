@@ -2,15 +2,17 @@
 
 Ray Serve's handles route a call to *some* replica; fleet-wide operations need to
 reach *each* one: a rolling swap (one replica at a time), the models and metrics of
-every replica. So every replica joins the fleet and long-polls it for commands
-(``poll``), runs them as they come and answers (``reply``); the ingress sends a
+every replica. So every replica, once ready, long-polls the fleet for commands (``poll``; its
+first poll makes it a member), runs them as they come and answers (``reply``); the ingress sends a
 command to one member with ``call`` and awaits its answer. A member that stopped
 polling for ``STALE_AFTER`` seconds (killed, or its node lost) is dropped, and
 commands waiting on it fail at once.
 
 The fleet also holds the configuration as the last admin change or reload left it,
 so that a replica started later (autoscaling, a restart after a crash) serves the
-fleet's current models, not those of the application's first deployment.
+fleet's current models, not those of the application's first deployment; and the
+Responses API's stored responses, so that ``previous_response_id`` and
+``GET /v1/responses/{id}`` find a response whichever replica created it.
 """
 
 from __future__ import annotations
@@ -42,20 +44,24 @@ class _Member:
 class Fleet:
     """The actor (``ray.remote`` is applied by ``fleet_actor``). ``config`` is the
     configuration as a dict (``Config.model_dump``), ``build`` when it was built:
-    a member of a newer build that joins replaces the configuration."""
+    a replica of a newer build replaces the configuration (``adopt``)."""
 
     def __init__(self, config: dict[str, Any], build: float):
         self.config, self.build, self.version = config, build, 0
         self.members: dict[str, _Member] = {}
         self._ids = itertools.count()
+        from llmk.server.responses import ResponseStore
+
+        self.responses = ResponseStore()
 
     # -- members --------------------------------------------------------------------------
-    async def join(self, member: str, config: dict[str, Any], build: float) -> dict[str, Any]:
-        """Register ``member``; answer the configuration it serves."""
-        if build > self.build:  # the application was deployed again, with this config
+    async def adopt(self, config: dict[str, Any], build: float) -> tuple[int, dict[str, Any]]:
+        """The configuration a starting replica serves: the fleet's, or ``config`` when
+        it comes from a newer build (the application was deployed again). A replica is
+        a member from its first ``poll`` on, once it is ready to serve."""
+        if build > self.build:
             self.config, self.build, self.version = config, build, self.version + 1
-        self.members[member] = _Member(time.monotonic())
-        return self.config
+        return self.version, self.config
 
     async def leave(self, member: str) -> None:
         self._drop(member, "it left the fleet")
@@ -112,6 +118,16 @@ class Fleet:
         self.config, self.version = config, self.version + 1
         return self.version
 
+    # -- the Responses API's store (``ResponseStore``'s methods, for ``FleetResponses``) ----------------
+    async def response_put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        await self.responses.put(response, conversation)
+
+    async def response_get(self, ident: str) -> Any:
+        return await self.responses.get(ident)
+
+    async def response_delete(self, ident: str) -> bool:
+        return await self.responses.delete(ident)
+
     # -- internals -----------------------------------------------------------------------------
     def _expire(self) -> None:
         now = time.monotonic()
@@ -135,9 +151,11 @@ def fleet_name(app_name: str) -> str:
 def fleet_actor(app_name: str, config: dict[str, Any], build: float) -> Any:
     """The fleet of application ``app_name``: created by whichever of the ingress and
     the replicas starts first, found by the others. Detached, so that it outlives the
-    replica that created it; ``llmk.ray.shutdown`` removes it."""
+    replica that created it; ``llmk.ray.shutdown`` removes it. Ray restarts it if its
+    process dies: the members join again at their next poll, and it serves the
+    configuration it was created with (an admin change since is lost: reload again)."""
     import ray
 
-    remote = ray.remote(num_cpus=0, max_concurrency=1000)(Fleet)
+    remote = ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)(Fleet)
     return remote.options(name=fleet_name(app_name), namespace=NAMESPACE, get_if_exists=True,
                           lifetime="detached").remote(config, build)

@@ -43,10 +43,28 @@ class Resident:
             replica.evicted(self.name)
 
 
+class FleetResponses:
+    """A replica's store of Responses API responses: the fleet's, shared by every replica
+    (the interface of ``llmk.server.responses.ResponseStore``)."""
+
+    def __init__(self, fleet: Any):
+        self.fleet = fleet
+
+    async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        await self.fleet.response_put.remote(response, conversation)
+
+    async def get(self, ident: str) -> Any:
+        return await self.fleet.response_get.remote(ident)
+
+    async def delete(self, ident: str) -> bool:
+        return await self.fleet.response_delete.remote(ident)
+
+
 class Replica:
     """The deployment's class; ``replica_class`` adds the multiplexed loader."""
 
     def __init__(self, app_name: str, config: dict[str, Any], build: float):
+        import ray
         from ray import serve
 
         from llmk.config import Config
@@ -55,10 +73,9 @@ class Replica:
 
         self.id = serve.get_replica_context().replica_id.unique_id
         self.fleet = fleet_actor(app_name, config, build)
-        import ray
-
-        current = ray.get(self.fleet.join.remote(self.id, config, build))
+        self.version, current = ray.get(self.fleet.adopt.remote(config, build))
         self.daemon = Daemon(config=Config.model_validate(current), on_demand=True)
+        self.daemon.responses = FleetResponses(self.fleet)
         self._control: asyncio.Task[None] | None = None
         log.info("ray.replica_started", replica=self.id, models=list(self.daemon.config.models))
 
@@ -127,6 +144,7 @@ class Replica:
 
     # -- fleet commands ------------------------------------------------------------------------------
     async def _listen(self) -> None:
+        member = False
         while True:
             try:
                 commands = await self.fleet.poll.remote(self.id)
@@ -136,6 +154,11 @@ class Replica:
                 log.warning("ray.fleet_unreachable", replica=self.id, error=str(error))
                 await asyncio.sleep(1.0)
                 continue
+            if not member:  # a change rolled out while this replica started: apply it now
+                member = True
+                version, config = await self.fleet.get_config.remote()
+                if version != self.version:
+                    commands.append({"id": -1, "op": "apply", "args": {"config": config, "trigger": "joined"}})
             for command in commands:
                 asyncio.get_running_loop().create_task(self._run(command))
 

@@ -70,12 +70,15 @@ class Daemon:
         those loaded (a Ray replica, ``llmk.ray``), instead of all at start."""
         from llmk.kernel import Kernel
         from llmk.server.app import create_app
+        from llmk.server.responses import ResponseStore
 
         self.config_path = Path(config_path) if config_path is not None else None
         self.overrides = overrides or {}
         self.config = config if config is not None else self._read()
         self.on_demand = on_demand
         self.metrics = Metrics()
+        #: Stored Responses API responses (``previous_response_id``); a Ray replica's is the fleet's.
+        self.responses = ResponseStore()
         k = self.config.kernel
         self.kernel = Kernel(cache_dir=k.cache_dir, disable=self.config.plugins.disable,
                              autoload=self.config.plugins.autoload, memory_budget=k.memory_budget,

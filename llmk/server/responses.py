@@ -24,7 +24,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -399,21 +399,23 @@ class Stored:
 
 
 class ResponseStore:
-    """The last ``limit`` stored responses, oldest dropped first."""
+    """The last ``limit`` stored responses, oldest dropped first. Its methods are
+    coroutines so that a store elsewhere (the fleet of ``llmk.ray``, shared by every
+    replica) has the same interface; the daemon holds one as ``daemon.responses``."""
 
     def __init__(self, limit: int = STORE_LIMIT):
         self.limit = limit
         self._items: OrderedDict[str, Stored] = OrderedDict()
 
-    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+    async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
         self._items[response["id"]] = Stored(response, [*conversation, *output_messages(response["output"])])
         while len(self._items) > self.limit:
             self._items.popitem(last=False)
 
-    def get(self, ident: str) -> Stored | None:
+    async def get(self, ident: str) -> Stored | None:
         return self._items.get(ident)
 
-    def delete(self, ident: str) -> bool:
+    async def delete(self, ident: str) -> bool:
         return self._items.pop(ident, None) is not None
 
     def __len__(self) -> int:
@@ -425,7 +427,6 @@ class ResponseStore:
 
 def router(daemon: Daemon) -> APIRouter:
     api = APIRouter()
-    store = ResponseStore()
 
     def sampling(body: ResponseBody) -> dict[str, Any]:
         """The library's generation parameters, as for chat (``max_output_tokens`` for ``max_tokens``)."""
@@ -434,8 +435,8 @@ def router(daemon: Daemon) -> APIRouter:
             fields |= body.text.format.constraint()
         return generation_params(daemon, body.max_output_tokens, "max_output_tokens", fields)
 
-    def stored(ident: str) -> Stored:
-        found = store.get(ident)
+    async def stored(ident: str) -> Stored:
+        found = await daemon.responses.get(ident)
         if found is None:
             raise ApiError(404, f"no response {ident!r}: {_KEPT}", param="response_id", code="not_found")
         return found
@@ -448,7 +449,7 @@ def router(daemon: Daemon) -> APIRouter:
         tools, calling = tool_options(body)
         history: list[dict[str, Any]] = []
         if body.previous_response_id is not None:
-            previous = store.get(body.previous_response_id)
+            previous = await daemon.responses.get(body.previous_response_id)
             if previous is None:
                 raise ApiError(400, f"previous_response_id: no response {body.previous_response_id!r}: {_KEPT}",
                                param="previous_response_id", code="previous_response_not_found")
@@ -457,9 +458,9 @@ def router(daemon: Daemon) -> APIRouter:
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         response = draft(body)
 
-        def keep(final: dict[str, Any]) -> None:
+        async def keep(final: dict[str, Any]) -> None:
             if final["store"]:
-                store.put(final, conversation)
+                await daemon.responses.put(final, conversation)
 
         if body.stream:
             try:
@@ -482,17 +483,17 @@ def router(daemon: Daemon) -> APIRouter:
         if result.text or not calls:
             response["output"].append(_message_item(result.text, status))
         response["output"].extend(_call_item(call) for call in calls)
-        keep(settle(response, status, result.prompt_tokens, result.completion_tokens))
+        await keep(settle(response, status, result.prompt_tokens, result.completion_tokens))
         return response
 
     @api.get("/v1/responses/{response_id}")
     async def get_response(response_id: str) -> dict[str, Any]:
-        return stored(response_id).response
+        return (await stored(response_id)).response
 
     @api.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> dict[str, Any]:
-        stored(response_id)
-        store.delete(response_id)
+        await stored(response_id)
+        await daemon.responses.delete(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
     return api
@@ -584,8 +585,8 @@ class StreamEvents:
                              incomplete_details=None, completed_at=None)
 
 
-async def _sse(request: Request, stream: Any, events: StreamEvents, keep: Callable[[dict[str, Any]], None],
-               timeout: float) -> AsyncIterator[str]:
+async def _sse(request: Request, stream: Any, events: StreamEvents,
+               keep: Callable[[dict[str, Any]], Awaitable[None]], timeout: float) -> AsyncIterator[str]:
     """The server-sent events of a response; the last one holds it whole (and it is
     stored first, so that a ``GET`` right after finds it). An error after the headers
     is a ``response.failed`` event. A client that leaves closes this generator, which
@@ -612,14 +613,14 @@ async def _sse(request: Request, stream: Any, events: StreamEvents, keep: Callab
         status = _status(finish)
         for line in events.end(status):
             yield line
-        keep(settle(response, status, stream.prompt_tokens, tokens_out))
+        await keep(settle(response, status, stream.prompt_tokens, tokens_out))
         yield events.event(f"response.{status}", response=response)
     except Exception as error:  # headers are sent: report it in the stream, OpenAI-style
         failure = api_error(error)
         note(request, finish_reason=failure.code or "error", error=failure.message)
         events.fail(failure)
         response["usage"] = _usage(stream.prompt_tokens, tokens_out)
-        keep(response)
+        await keep(response)
         yield events.event("response.failed", response=response)
     finally:  # also when the client went away: stop the generation now, not at garbage collection
         note(request, tokens_out=tokens_out)
