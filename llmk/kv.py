@@ -258,9 +258,11 @@ class KVCacheManager:
         dropped = []
         while len(allocation.blocks) > keep:
             dropped.append(allocation.blocks.pop())
-            allocation.reserved += 1
-            self.reserved += 1
+        # No longer used before reserved again: gauges read from other threads never
+        # see these blocks counted twice (as in ``ensure``, the other way round).
         self._drop(dropped)
+        allocation.reserved += len(dropped)
+        self.reserved += len(dropped)
 
     def free(self, allocation: KVAllocation) -> None:
         """The sequence is done: its blocks go back (hashed ones stay cached)."""

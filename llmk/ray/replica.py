@@ -98,10 +98,13 @@ class Replica:
 
     # -- models -----------------------------------------------------------------------------------
     async def load(self, name: str) -> Resident:
-        """Load ``name`` into the kernel (Ray's multiplexing calls this on a miss)."""
+        """Load ``name`` (Ray's multiplexing calls this on a miss): what Ray then tracks."""
+        await self._load(name)
+        return Resident(self, name)
+
+    async def _load(self, name: str) -> None:
         await asyncio.to_thread(self.daemon.load, name, self.daemon.config.models[name])
         log.info("ray.model_loaded", replica=self.id, model=name)
-        return Resident(self, name)
 
     def evicted(self, name: str) -> None:
         """Ray unloaded ``name`` from this replica (least recently used): free it."""
@@ -114,7 +117,7 @@ class Replica:
         this replica), and in the kernel (which may have evicted it for memory)."""
         await self.model(name)
         if name not in self.daemon.kernel.names():
-            await self.load(name)
+            await self._load(name)  # Ray still tracks its Resident: no new one
 
     # -- requests ----------------------------------------------------------------------------------
     async def forward(self, request: dict[str, Any]) -> AsyncIterator[Any]:
