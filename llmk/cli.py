@@ -143,6 +143,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from llmk.bench import parse_options
+
+    try:
+        options = parse_options(args.options)
+    except ValueError as error:
+        print(f"llmk tune: --set: {error}", file=sys.stderr)
+        return 2
+    result = _kernel(args).tune(args.model, args.data, device=args.device, **options)
+    if args.json:
+        json.dump(result.as_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    before, after = result.perplexity_before, result.perplexity_after
+    print(f"adapter: {result.adapter}")
+    print(f"{result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s "
+          f"({result.tokens_per_s:.0f} tokens/s)")
+    if before is not None and after is not None:
+        print(f"held-out perplexity ({result.held_out_samples} samples): {before:.3f} -> {after:.3f} "
+              f"({after / before - 1:+.1%})")
+    return 0
+
+
 def plugin_listing(kernel: Any) -> dict[str, list[dict[str, Any]]]:
     def entry(name: str, registered: Any, extra: dict[str, Any]) -> dict[str, Any]:
         cls = registered.cls
@@ -301,6 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="refuse the passes' artifact if perplexity rises more than this (0.01 = +1%%)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
+
+    tune = sub.add_parser("tune", help="LoRA fine-tuning on a dataset: an adapter in the cache")
+    tune.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=f"model source (default {DEFAULT_CHAT_MODEL})")
+    tune.add_argument("--data", required=True,
+                      help='JSONL ({"messages": [...]} or {"text": ...} a line) or a text file')
+    tune.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                      help="a tuning option (rank, alpha, dropout, target_modules, learning_rate, epochs, "
+                           "max_steps, batch_size, max_length, held_out, seed), repeatable")
+    tune.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    tune.add_argument("--json", action="store_true")
+    tune.set_defaults(func=cmd_tune)
 
     plugins = sub.add_parser("plugins", help="list backends and passes, and whether they are available")
     plugins.add_argument("--json", action="store_true")

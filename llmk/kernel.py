@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmk.artifact import Artifact
 from llmk.backend import Backend, BackendOptions
@@ -35,6 +35,9 @@ from llmk.plugins import Plugins, Registered
 from llmk.sources import as_hf
 from llmk.spec import ModelSpec, PassSpec
 from llmk.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llmk.tune import TuneResult
 
 log = get_logger("llmk.kernel")
 
@@ -131,6 +134,30 @@ class Kernel:
         spec = ModelSpec.build(f"model {name!r}", **merged)
         self.lifecycle.load(name, spec, pinned=current.pinned, keep_alive=current.keep_alive)
         return ModelHandle(self, name)
+
+    # -- adapting ---------------------------------------------------------------
+    def tune(self, source: str, data: str | Path, *, device: str = "cpu", **options: Any) -> TuneResult:
+        """LoRA-tune ``source`` (a causal LM) on ``data`` (JSONL of ``messages`` or
+        ``text``, or a text file); ``options`` are ``llmk.tune.TuneOptions``'s. The
+        adapter is cached (the same tuning asked again is not run again); the result
+        holds its path and the held-out perplexity before and after."""
+        from pydantic import ValidationError
+
+        from llmk.backend import missing_modules
+        from llmk.tune import TuneOptions, tune
+
+        reason = missing_modules(("peft",))
+        if reason:
+            raise UnsupportedError(f"tuning needs peft ({reason}): pip install 'llmk[tune]'")
+
+        try:
+            settings = TuneOptions(**options)
+        except ValidationError as error:
+            raise OptionsError("tune", format_validation_error(error)) from None
+        base = as_hf(self.plugins.resolve_source(source, self.cache), self.cache)
+        if base.task != "generate":
+            raise UnsupportedError(f"{source} embeds; only a causal LM can be tuned")
+        return tune(base, Path(data), settings, self.cache, device=device)
 
     def get(self, name: str) -> ModelHandle:
         """The handle of a model that is serving or loading (its calls wait for it)."""
