@@ -227,8 +227,9 @@ class Config(_Section):
     @classmethod
     def _names(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
         for name in models:
-            if not name or "/" in name or name != name.strip():
-                raise ValueError(f"model name {name!r} must be non-empty, without '/' or surrounding spaces")
+            if not name or any(c in name for c in "/:") or name != name.strip():
+                raise ValueError(f"model name {name!r} must be non-empty, without '/', ':' (NAME:ADAPTER names "
+                                 "an adapter's variant) or surrounding spaces")
         return models
 
 

@@ -167,8 +167,9 @@ class ModelHandle:
     ``json_schema``, ``regex`` or ``grammar``), ``timeout`` (seconds, queueing
     included: the generation stops with ``finish_reason="timeout"``),
     ``logits_processors`` (stateless, run on each step's logits before sampling:
-    ``llmk.sampling.TokenMask`` constrains tokens) and ``max_prompt_tokens``
-    (refuse longer prompts).
+    ``llmk.sampling.TokenMask`` constrains tokens), ``max_prompt_tokens``
+    (refuse longer prompts) and ``adapter`` (one of the model's ``adapters``: the
+    call runs on that variant, ``NAME:ADAPTER``).
     """
 
     def __init__(self, kernel: Kernel, name: str):
@@ -187,13 +188,22 @@ class ModelHandle:
         return self.version.status(current=True)
 
     # -- leases ---------------------------------------------------------------
-    def _acquire(self) -> ModelVersion:
-        return self._kernel.lifecycle.acquire(self.name)
+    def _target(self, adapter: str | None) -> str:
+        """The name that serves a call: this model, or its adapter's variant (``name:ADAPTER``)."""
+        if adapter is None:
+            return self.name
+        target = f"{self.name}:{adapter}"
+        self._kernel.lifecycle.check_known(target)
+        return target
 
-    async def _aacquire(self) -> ModelVersion:
+    def _acquire(self, adapter: str | None = None) -> ModelVersion:
+        return self._kernel.lifecycle.acquire(self._target(adapter))
+
+    async def _aacquire(self, adapter: str | None = None) -> ModelVersion:
         """Lease without blocking the event loop (a thread waits only while the model loads)."""
-        version = self._kernel.lifecycle.try_acquire(self.name)
-        return version if version is not None else await asyncio.to_thread(self._acquire)
+        target = self._target(adapter)
+        version = self._kernel.lifecycle.try_acquire(target)
+        return version if version is not None else await asyncio.to_thread(self._kernel.lifecycle.acquire, target)
 
     def _finished(self, version: ModelVersion, record: RequestRecord, timing: Timing) -> None:
         version.release()
@@ -243,7 +253,7 @@ class ModelHandle:
 
     def _run(self, prepares: list[Prepare], n: int, params: dict[str, Any], timeout: float | None,
              processors: Sequence[LogitsProcessor]) -> list[GenerationResult]:
-        version = self._acquire()
+        version = self._acquire(params.pop("adapter", None))
         with self._recording(version) as (record, timing):
             prepared = _expand(version.engine, prepares, n, params)
             results = version.engine.generate([p.ids for p in prepared], [p.params for p in prepared], timing,
@@ -275,7 +285,7 @@ class ModelHandle:
 
     async def _arun(self, prepares: list[Prepare], n: int, params: dict[str, Any], timeout: float | None,
                     processors: Sequence[LogitsProcessor]) -> list[GenerationResult]:
-        version = await self._aacquire()
+        version = await self._aacquire(params.pop("adapter", None))
         with self._recording(version) as (record, timing):
             prepared = _expand(version.engine, prepares, n, params)
             results = await version.engine.agenerate([p.ids for p in prepared], [p.params for p in prepared],
@@ -310,7 +320,7 @@ class ModelHandle:
 
     def _stream_leased(self, prepare: Prepare, params: dict[str, Any], timeout: float | None,
                        processors: Sequence[LogitsProcessor]) -> Iterator[StreamChunk | None]:
-        version = self._acquire()
+        version = self._acquire(params.pop("adapter", None))
         with self._recording(version) as (record, timing):
             started = time.perf_counter()
             engine = version.engine
@@ -347,7 +357,7 @@ class ModelHandle:
     async def _astream_leased(self, stream: AsyncStream, prepare: Prepare, params: dict[str, Any],
                               timeout: float | None,
                               processors: Sequence[LogitsProcessor]) -> AsyncGenerator[StreamChunk | None, None]:
-        version = await self._aacquire()
+        version = await self._aacquire(params.pop("adapter", None))
         with self._recording(version) as (record, timing):
             started = time.perf_counter()
             engine = version.engine

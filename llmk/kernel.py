@@ -90,6 +90,7 @@ class Kernel:
                                    alerts=list(alerts))
         self._reaper = _Reaper(self.lifecycle, reap_interval) if reap_interval > 0 else None
         self.stall_timeout = stall_timeout
+        self._adapters: dict[str, dict[str, str]] = {}  # name -> its adapters (served as name:ADAPTER)
         self._watchdog = _Watchdog(self.lifecycle, stall_timeout) if stall_timeout else None
 
     # -- serving ---------------------------------------------------------------
@@ -109,10 +110,25 @@ class Kernel:
         spec = ModelSpec.build(f"model {name!r}", source=source, **fields)
         if self._watchdog is not None:
             self._watchdog.start()
-        self.lifecycle.load(name, spec, pinned=pinned, keep_alive=keep_alive)
+        self._load_with_adapters(name, spec, pinned, keep_alive)
         if self._reaper is not None and keep_alive is not None:
             self._reaper.start()
         return ModelHandle(self, name)
+
+    def _load_with_adapters(self, name: str, spec: ModelSpec, pinned: bool, keep_alive: float | None) -> None:
+        """``name`` serves ``spec`` without its adapters; each adapter serves as
+        ``name:ADAPTER`` (its own version, the adapter merged in); variants of adapters
+        no longer listed are unloaded. A change of adapters alone leaves ``name`` as it is."""
+        self.lifecycle.load(name, spec.base(), pinned=pinned, keep_alive=keep_alive)
+        self._adapters[name] = dict(spec.adapters)
+        for adapter in spec.adapters:
+            self.lifecycle.load(f"{name}:{adapter}", spec.variant(adapter), pinned=pinned, keep_alive=keep_alive)
+        for other in self._variants(name):
+            if other.split(":", 1)[1] not in spec.adapters:
+                self.lifecycle.unload(other, None)
+
+    def _variants(self, name: str) -> list[str]:
+        return [other for other in self.lifecycle.names() if other.startswith(f"{name}:")]
 
     def swap(self, name: str, source: str | None = None, **fields: Any) -> ModelHandle:
         """Hot-swap ``name`` to a new spec; fields not given keep their current value.
@@ -127,12 +143,12 @@ class Kernel:
         loaded again) and the error is raised.
         """
         current = self.lifecycle.current(name)
-        merged = current.spec.model_dump()
+        merged = {**current.spec.model_dump(), "adapters": self._adapters.get(name, {})}
         merged.update(fields)
         if source is not None:
             merged["source"] = source
         spec = ModelSpec.build(f"model {name!r}", **merged)
-        self.lifecycle.load(name, spec, pinned=current.pinned, keep_alive=current.keep_alive)
+        self._load_with_adapters(name, spec, current.pinned, current.keep_alive)
         return ModelHandle(self, name)
 
     # -- adapting ---------------------------------------------------------------
@@ -165,8 +181,12 @@ class Kernel:
         return ModelHandle(self, name)
 
     def unload(self, name: str, *, timeout: float | None = None) -> None:
-        """Stop routing requests to ``name``, wait for running ones, free the memory."""
+        """Stop routing requests to ``name`` (and its adapters' variants), wait for
+        running ones, free the memory."""
         self.lifecycle.unload(name, timeout)
+        for variant in self._variants(name):
+            self.lifecycle.unload(variant, timeout)
+        self._adapters.pop(name, None)
 
     def names(self) -> list[str]:
         return self.lifecycle.names()

@@ -97,6 +97,33 @@ class ModelSpec(BaseModel):
                                                        "ngram_min/ngram_max, max_batch, min_acceptance")
     draft: str | None = Field(None, min_length=1, description="a draft model's source (same tokenizer), loaded on "
                                                               "the same backend and device for speculative decoding")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters, each served as the model NAME:ADAPTER: adapter name -> "
+                                          "a peft adapter directory (llmk tune's)")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        from pathlib import Path
+
+        for name, path in adapters.items():
+            if not name or any(c in name for c in ":/") or name != name.strip():
+                raise ValueError(f"adapter name {name!r} must be non-empty, without ':', '/' or surrounding spaces")
+            if not path:
+                raise ValueError(f"adapter {name!r}: give its directory")
+        # Absolute: the path identifies the adapter (and its merged variant in the cache).
+        return {name: str(Path(path).expanduser().resolve()) for name, path in adapters.items()}
+
+    def base(self) -> ModelSpec:
+        """The model itself, without its adapters (what serves under its own name)."""
+        return self.model_copy(update={"adapters": {}})
+
+    def variant(self, adapter: str) -> ModelSpec:
+        """What serves as ``NAME:adapter``: the adapter merged into the source first (the
+        ``lora`` pass), then this spec's passes; no quality gate (an adapter is meant to
+        change the model)."""
+        lora = PassSpec(name="lora", options={"adapter": self.adapters[adapter]})
+        return self.model_copy(update={"adapters": {}, "passes": (lora, *self.passes), "max_ppl_increase": None})
 
     @model_validator(mode="before")
     @classmethod

@@ -103,3 +103,106 @@ def test_llmk_tune_on_a_text_file(tiny_llama, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "llmk.cli", "tune", "--model", str(tiny_llama), "--data", str(text),
                           "--set", "rank"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "expected KEY=VALUE" in bad.stderr
+
+
+# -- adapters served per request ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapters(real_kernel, quillo, tmp_path_factory):
+    """Two adapters of SmolLM2: the Quillo care notes, and terse pirate answers."""
+    pirate = tmp_path_factory.mktemp("tune-pirate") / "pirate.jsonl"
+    pirate.write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Question {i}: where is the {thing}?"},
+        {"role": "assistant", "content": f"Arr, the {thing} be buried on Skull Isle, matey."}]})
+        for i, thing in enumerate(["map", "gold", "ship", "parrot", "rum", "key", "chest", "flag"] * 3)) + "\n")
+    options = {"max_steps": 8, "batch_size": 4, "learning_rate": 1e-3, "held_out": 0.2, "seed": 1}
+    return {"quillo": str(real_kernel.tune("builtin:smollm2", quillo, **options).adapter),
+            "pirate": str(real_kernel.tune("builtin:smollm2", pirate, **options).adapter)}
+
+
+QUESTION = [{"role": "user", "content": "How do I care for the strap of my Quillo 2?"}]
+
+
+def test_adapters_serve_as_variants_beside_the_base_model(real_kernel, adapters):
+    from llmk.errors import ModelNotFoundError
+
+    chat = real_kernel.load("adapted", source="builtin:smollm2", backend="torch", adapters=adapters)
+    assert {"adapted", "adapted:quillo", "adapted:pirate"} <= set(real_kernel.names())
+    alone = {adapter: chat.chat(QUESTION, max_tokens=20, temperature=0, adapter=adapter).text
+             for adapter in (None, "quillo", "pirate")}
+    assert len(set(alone.values())) == 3, alone  # each adapter changes the answer
+    assert "quillo care" in alone["quillo"].lower() and "quillo care" not in alone[None].lower()
+    # At once, base and both adapters: each answers as it does alone.
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        together = dict(zip(alone, pool.map(
+            lambda adapter: chat.chat(QUESTION, max_tokens=20, temperature=0, adapter=adapter).text, alone)))
+    assert together == alone
+    with pytest.raises(ModelNotFoundError):
+        chat.generate("hi", max_tokens=2, adapter="nope")
+    # Adapters change at run time without touching the base model's version.
+    base_version = chat.version.number
+    real_kernel.load("adapted", source="builtin:smollm2", backend="torch", adapters={"quillo": adapters["quillo"]})
+    assert chat.version.number == base_version
+    assert "adapted:pirate" not in real_kernel.names() and "adapted:quillo" in real_kernel.names()
+    real_kernel.unload("adapted")
+    assert not [n for n in real_kernel.names() if n.startswith("adapted")]
+
+
+def test_an_adapter_on_a_graph_backend_is_merged_and_answers_as_on_torch(real_kernel, adapters):
+    torch_chat = real_kernel.load("adapted-torch", source="builtin:smollm2", backend="torch",
+                                  adapters={"quillo": adapters["quillo"]})
+    graph_chat = real_kernel.load("adapted-ort", source="builtin:smollm2", backend="onnxruntime",
+                                  adapters={"quillo": adapters["quillo"]})
+    expected = torch_chat.chat(QUESTION, max_tokens=16, temperature=0, adapter="quillo").token_ids
+    assert graph_chat.chat(QUESTION, max_tokens=16, temperature=0, adapter="quillo").token_ids == expected
+    real_kernel.unload("adapted-torch")
+    real_kernel.unload("adapted-ort")
+
+
+def test_a_bad_adapter_is_refused_and_the_base_keeps_serving(real_kernel, tiny_llama, adapters, tmp_path):
+    from llmk.errors import LlmkError
+
+    chat = real_kernel.load("adapted-bad", source="builtin:smollm2", backend="torch")
+    with pytest.raises(LlmkError, match="not a LoRA adapter directory"):
+        real_kernel.load("adapted-bad", source="builtin:smollm2", backend="torch", adapters={"x": str(tmp_path)})
+    with pytest.raises(OptionsError, match="adapter name"):
+        real_kernel.load("adapted-bad", source="builtin:smollm2", backend="torch", adapters={"a:b": str(tmp_path)})
+    assert chat.generate("Hello", max_tokens=2).completion_tokens == 2
+    real_kernel.unload("adapted-bad")
+
+
+def test_the_daemon_serves_an_adapter_as_model_name_colon_adapter(adapters, tmp_path):
+    """``model: "chat:quillo"`` through the openai client; /v1/models lists it; an adapter
+    added through the admin API serves without a new version of the base model."""
+    from conftest import ServeProcess, shared_cache_dir
+
+    config = tmp_path / "llmk.yaml"
+    config.write_text(json.dumps({"server": {"port": 0, "admin_token_env": "LLMK_TUNE_TOKEN"}, "models": {
+        "chat": {"source": "builtin:smollm2", "backend": "torch", "adapters": {"quillo": adapters["quillo"]}}}}))
+    daemon = ServeProcess(["--cache-dir", str(shared_cache_dir()), "serve", "--config", str(config)],
+                          env={"LLMK_TUNE_TOKEN": "t0ken"})
+    try:
+        client = daemon.client()
+        assert {"chat", "chat:quillo"} <= {m.id for m in client.models.list()}
+        answer = client.chat.completions.create(model="chat:quillo", messages=QUESTION, max_tokens=12, temperature=0)
+        assert "quillo care" in answer.choices[0].message.content.lower()
+        import httpx
+
+        headers = {"Authorization": "Bearer t0ken"}
+        before = next(v for v in httpx.get(daemon.url + "/admin/models", headers=headers).json()["data"]
+                      if v["name"] == "chat" and v["current"])
+        swapped = httpx.put(daemon.url + "/admin/models/chat", headers=headers, timeout=600, json={
+            "source": "builtin:smollm2", "backend": "torch", "adapters": adapters})
+        assert swapped.status_code == 200, swapped.text
+        assert swapped.json()["version"] == before["version"]  # the base model was not reloaded
+        pirate = client.chat.completions.create(model="chat:pirate", messages=QUESTION, max_tokens=12,
+                                                temperature=0)
+        assert pirate.choices[0].message.content != answer.choices[0].message.content
+        outside = httpx.put(daemon.url + "/admin/models/chat", headers=headers, timeout=60, json={
+            "source": "builtin:smollm2", "backend": "torch", "adapters": {"x": str(tmp_path)}})
+        assert outside.status_code == 403 and outside.json()["error"]["param"] == "adapters"
+    finally:
+        daemon.stop()

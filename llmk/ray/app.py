@@ -134,8 +134,9 @@ def admin_router(ingress: Ingress) -> APIRouter:
             if body.name in config.models:
                 raise ApiError(409, f"model {body.name!r} exists; PUT /admin/models/{body.name} swaps it",
                                param="name", code="model_exists")
-            check_source(body.source, config)
-            check_source(body.draft, config, "draft")
+            for source, param in ((body.source, "source"), (body.draft, "draft"),
+                                  *((path, "adapters") for path in body.adapters.values())):
+                check_source(source, config, param)
             model = ModelConfig.model_validate(body.model_dump(exclude={"name"}, exclude_unset=True))
             new = with_models(config, {**models_of(config), body.name: model.model_dump(mode="json",
                                                                                         exclude_unset=True)})
@@ -151,8 +152,9 @@ def admin_router(ingress: Ingress) -> APIRouter:
     async def swap_model(name: str, body: ModelConfig) -> dict[str, Any]:
         async with ingress.changes:
             config = await configured(name)
-            check_source(body.source, config)
-            check_source(body.draft, config, "draft")
+            for source, param in ((body.source, "source"), (body.draft, "draft"),
+                                  *((path, "adapters") for path in body.adapters.values())):
+                check_source(source, config, param)
             spec = body.model_dump(mode="json", exclude_unset=True)
             new = with_models(config, {**models_of(config), name: spec})
             # The new version first loads on one replica: if it fails there, nothing changed.

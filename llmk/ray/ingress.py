@@ -45,13 +45,15 @@ def _replica_gone() -> tuple[type[BaseException], ...]:
 
 
 def requested_model(body: bytes) -> str:
-    """The ``model`` of a JSON body, or "" (the replica then answers the bad body)."""
+    """The configured model a JSON body asks for (``chat`` for an adapter's ``chat:NAME``:
+    the base model's replicas serve its adapters), or "" (the replica then answers the
+    bad body)."""
     try:
         value = json.loads(body)
     except (ValueError, RecursionError):
         return ""
     model = value.get("model") if isinstance(value, dict) else None
-    return model if isinstance(model, str) else ""
+    return model.split(":", 1)[0] if isinstance(model, str) else ""
 
 
 class Ingress:

@@ -79,6 +79,8 @@ def router(daemon: Daemon) -> APIRouter:
                            param="name", code="model_exists")
         allowed(body.source)
         allowed(body.draft, "draft")
+        for path in body.adapters.values():
+            allowed(path, "adapters")
         config = ModelConfig.model_validate(body.model_dump(exclude={"name"}))
         await run(daemon.load, body.name, config)
         return current(body.name)
@@ -89,6 +91,8 @@ def router(daemon: Daemon) -> APIRouter:
         note(request, model=name)
         allowed(body.source)
         allowed(body.draft, "draft")
+        for path in body.adapters.values():
+            allowed(path, "adapters")
         await run(daemon.load, name, body)
         return current(name)
 
@@ -124,7 +128,8 @@ def check_token(request: Request, token: str | None, config: Config) -> None:
 def check_source(source: str | None, config: Config, param: str = "source") -> None:
     """Refuse a local path outside ``server.model_roots`` and the config file's own
     sources: the same 403 whether or not anything exists there. ``param`` names the
-    field (a draft model's source is held to the same rule)."""
+    field (a draft model's source and adapters are held to the same rule; adapters
+    may also come from the cache's ``adapters/``, where ``llmk tune`` puts them)."""
     if source is None:
         return
     if "\x00" in source:
@@ -133,6 +138,11 @@ def check_source(source: str | None, config: Config, param: str = "source") -> N
         return  # builtin: or a plugin's scheme: no file system behind the caller's string
     path = os.path.realpath(os.path.expanduser(source))
     roots = [os.path.realpath(os.path.expanduser(root)) for root in config.server.model_roots]
+    if param == "adapters":  # what ``llmk tune`` made in this server's own cache
+        from llmk.cache import default_cache_dir
+
+        cache = os.path.expanduser(config.kernel.cache_dir) if config.kernel.cache_dir else default_cache_dir()
+        roots.append(os.path.realpath(os.path.join(cache, "adapters")))
     named = {os.path.realpath(os.path.expanduser(s)) for m in config.models.values()
              for s in (m.source, m.draft) if s is not None and _is_path(s)}
     if path in named or any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
