@@ -54,6 +54,8 @@ models:
         ("ray: {ray_actor_options: {memory: lots}}", "ray.ray_actor_options.memory: .*'lots' is not a size"),
         ("ray: {max_models_per_replica: 0}", "ray.max_models_per_replica: Input should be greater"),
         ("ray: {replicas: 2}", "ray.replicas: Extra inputs"),
+        ("models: {'chat:x': {source: builtin:smollm2}}", "model name 'chat:x' must be .*':' \\(NAME:ADAPTER"),
+        ("models: {chat: {source: builtin:smollm2, adapters: {'a/b': x}}}", "models.chat.adapters: .*adapter name"),
     ],
 )
 def test_a_bad_file_names_the_key_and_the_reason(tmp_path, text, message):
