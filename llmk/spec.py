@@ -104,7 +104,7 @@ class ModelSpec(BaseModel):
     @field_validator("adapters")
     @classmethod
     def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
-        from pathlib import Path
+        import os
 
         for name, path in adapters.items():
             if not name or any(c in name for c in ":/") or name != name.strip():
@@ -112,7 +112,7 @@ class ModelSpec(BaseModel):
             if not path:
                 raise ValueError(f"adapter {name!r}: give its directory")
         # Absolute: the path identifies the adapter (and its merged variant in the cache).
-        return {name: str(Path(path).expanduser().resolve()) for name, path in adapters.items()}
+        return {name: os.path.abspath(os.path.expanduser(path)) for name, path in adapters.items()}
 
     def base(self) -> ModelSpec:
         """The model itself, without its adapters (what serves under its own name)."""

@@ -33,17 +33,20 @@ def create_ingress_app(ingress: Ingress) -> FastAPI:
     def card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": ingress.started, "owned_by": "llmk"}
 
+    def served(config: Any) -> list[str]:
+        """Every configured model and its adapters (``NAME:ADAPTER``)."""
+        return [n for name, model in config.models.items() for n in (name, *(f"{name}:{a}" for a in model.adapters))]
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         """Every configured model: each serves, loaded on a replica when first asked for."""
-        config = await ingress.current_config()
-        return {"object": "list", "data": [card(name) for name in config.models]}
+        return {"object": "list", "data": [card(name) for name in served(await ingress.current_config())]}
 
     @app.get("/v1/models/{name}")
     async def get_model(name: str) -> dict[str, Any]:
-        config = await ingress.current_config()
-        if name not in config.models:
-            raise api_error(ModelNotFoundError(name, config.models))
+        names = served(await ingress.current_config())
+        if name not in names:
+            raise api_error(ModelNotFoundError(name, names))
         return card(name)
 
     @app.api_route("/v1/{path:path}", methods=_METHODS, response_model=None)

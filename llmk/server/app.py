@@ -60,14 +60,16 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> Any:
-        """Ready: every configured model serves, none is stalled, and the daemon is not shutting down."""
+        """Ready: every configured model (and adapter) serves, none is stalled, and the daemon is not shutting down."""
         if daemon.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         stuck = stalled()
         if stuck:
             return JSONResponse({"status": "stalled", "stalled": stuck}, status_code=503)
         names = daemon.kernel.names()
-        missing = sorted(set(daemon.config.models) - set(names))
+        expected = {*daemon.config.models, *(f"{name}:{adapter}" for name, model in daemon.config.models.items()
+                                             for adapter in model.adapters)}
+        missing = sorted(expected - set(names))
         if missing:
             failed = {name: daemon.failures[name] for name in missing if name in daemon.failures}
             return JSONResponse({"status": "loading", "missing": missing, "failed": failed}, status_code=503)
