@@ -160,10 +160,11 @@ def perplexity(model: Any, samples: list[list[int]]) -> float:
     import torch
 
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for ids in samples:
-            tensor = torch.tensor([ids])
+            tensor = torch.tensor([ids], device=device)
             loss = model(input_ids=tensor, labels=tensor).loss
             total += float(loss) * (len(ids) - 1)
             count += len(ids) - 1
@@ -208,7 +209,7 @@ def train(base: Artifact, data: Path, options: TuneOptions, out: Path, *, device
     missing = [m for m in options.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())]
     if missing:
         raise DatasetError(str(data), f"target_modules not in this model: {', '.join(missing)}")
-    before = perplexity(model, [torch.tensor(s).to(device).tolist() for s in held]) if held else None
+    before = perplexity(model, held) if held else None
     torch.manual_seed(options.seed)
     model = get_peft_model(model, LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
                                              target_modules=list(options.target_modules), task_type="CAUSAL_LM"))
