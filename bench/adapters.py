@@ -32,18 +32,16 @@ def dataset(directory: Path) -> Path:
     return path
 
 
-#: SmolLM2's special tokens (<|endoftext|>, <|im_start|>, <|im_end|>), kept out so that every
-#: answer is ``tokens`` long: the base and the adapter then decode the same number of steps.
-NO_END = {0: -100.0, 1: -100.0, 2: -100.0}
-
-
 def rate(handle, adapters: list[str | None], tokens: int) -> float:
-    """Generated tokens per second of these requests at once (one per entry, greedy)."""
+    """Generated tokens per second of these requests at once (one per entry, greedy). The
+    model's end tokens are kept out, so that every answer is ``tokens`` long: the base and
+    the adapter then decode the same number of steps."""
+    no_end = {token: -100.0 for token in handle.version.engine.tokenizer.eos_ids}
 
     def one(pair):
         i, adapter = pair
         messages = [{"role": "user", "content": QUESTIONS[i]}]
-        return handle.chat(messages, max_tokens=tokens, temperature=0, adapter=adapter, logit_bias=NO_END) \
+        return handle.chat(messages, max_tokens=tokens, temperature=0, adapter=adapter, logit_bias=no_end) \
             .completion_tokens
 
     started = time.perf_counter()

@@ -120,12 +120,12 @@ class Kernel:
         ``name:ADAPTER`` (its own version, the adapter merged in); variants of adapters
         no longer listed are unloaded. A change of adapters alone leaves ``name`` as it is."""
         self.lifecycle.load(name, spec.base(), pinned=pinned, keep_alive=keep_alive)
-        self._adapters[name] = dict(spec.adapters)
-        for adapter in spec.adapters:
+        for adapter in spec.adapters:  # a failure raises here: the adapters recorded stay those serving
             self.lifecycle.load(f"{name}:{adapter}", spec.variant(adapter), pinned=pinned, keep_alive=keep_alive)
         for other in self._variants(name):
             if other.split(":", 1)[1] not in spec.adapters:
                 self.lifecycle.unload(other, None)
+        self._adapters[name] = dict(spec.adapters)
 
     def _variants(self, name: str) -> list[str]:
         return [other for other in self.lifecycle.names() if other.startswith(f"{name}:")]
@@ -165,6 +165,8 @@ class Kernel:
         reason = missing_modules(("peft",))
         if reason:
             raise UnsupportedError(f"tuning needs peft ({reason}): pip install 'llmk[tune]'")
+        # Tuning runs on PyTorch: the devices the torch backend can use here.
+        device = _pick_device(self.plugins.backends.get("torch").cls, device, device.split(":")[0])
 
         try:
             settings = TuneOptions(**options)

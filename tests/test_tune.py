@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import llmk
 from llmk.errors import OptionsError
 from llmk.tune import DatasetError
 
@@ -87,6 +88,8 @@ def test_bad_options_and_modules_are_refused(kernel, tiny_llama, quillo, tmp_pat
         kernel.tune(str(tiny_llama), quillo, target_modules=["q_proj", "w_gate"])
     with pytest.raises(DatasetError, match="no such file"):
         kernel.tune(str(tiny_llama), tmp_path / "missing.jsonl")
+    with pytest.raises(llmk.UnsupportedError, match="does not run on 'tpu'"):
+        kernel.tune(str(tiny_llama), quillo, device="tpu")
 
 
 def test_llmk_tune_on_a_text_file(tiny_llama, tmp_path):
@@ -162,7 +165,7 @@ def test_an_adapter_on_a_graph_backend_is_merged_and_answers_as_on_torch(real_ke
     real_kernel.unload("adapted-ort")
 
 
-def test_a_bad_adapter_is_refused_and_the_base_keeps_serving(real_kernel, tiny_llama, adapters, tmp_path):
+def test_a_bad_adapter_is_refused_and_the_base_keeps_serving(real_kernel, adapters, tmp_path):
     from llmk.errors import LlmkError
 
     chat = real_kernel.load("adapted-bad", source="builtin:smollm2", backend="torch")

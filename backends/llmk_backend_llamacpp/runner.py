@@ -90,17 +90,6 @@ def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         log.error("llamacpp.error", message=text.decode("utf-8", "replace").rstrip())
 
 
-def trim_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc keeps freed memory resident).
-    ``malloc_trim`` alone: ~0.1 ms, where ``release_freed_memory``'s collection takes 45.
-    Not after ``logits()`` frees its context: with that, the next request hung in
-    ``llama_decode`` (docs/BENCHMARKS.md, issue 15)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 class Model:
     """A loaded ``llama_model`` and what the runners read from it."""
 
@@ -208,6 +197,10 @@ class LlamaCppRunner(Runner):
         self._memory = llama.llama_get_memory(self._context)
         # The engine allocates its cache once the model and tokenizer are loaded: what their
         # loads parsed and freed (GGUF metadata, tokenizer.json) would stay resident otherwise.
+        # Not after ``logits()`` frees its context: with a trim there, the next request hung
+        # in ``llama_decode`` (docs/BENCHMARKS.md, issue 15).
+        from llmk.memory import trim_heap
+
         trim_heap()
 
     def _require(self) -> ctypes.c_void_p:

@@ -33,7 +33,7 @@ log = get_logger("llmk.ray")
 
 #: Seconds a replica has to answer a status or metrics query before it is left out.
 QUERY_TIMEOUT = 5.0
-#: Routes the ingress answers itself; everything else goes to a replica.
+#: Routes whose JSON body names the model (Ray's multiplexed model id, for routing).
 _MODEL_FIELD_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 
 
@@ -128,7 +128,7 @@ class Ingress:
     async def reload(self, trigger: str) -> dict[str, Any]:
         """Read the config file again and roll it out (SIGHUP, a file change, the admin API)."""
         from llmk.config import ConfigError, load_config
-        from llmk.server.daemon import RESTART_ONLY
+        from llmk.server.daemon import keep_restart_only
 
         async with self.changes:
             if self.config_path is None:
@@ -138,12 +138,7 @@ class Ingress:
             except ConfigError as error:
                 log.error("config.reload_failed", trigger=trigger, error=str(error))
                 return {"ok": False, "error": str(error)}
-            old = await self.current_config()
-            restart = [f"{section}.{key}" for section, keys in RESTART_ONLY.items() for key in keys
-                       if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
-            for setting in restart:
-                section, key = setting.split(".")
-                setattr(getattr(new, section), key, getattr(getattr(old, section), key))
+            restart = keep_restart_only(await self.current_config(), new)
             reports = await self.roll(new.model_dump(mode="json", exclude_unset=True), trigger)
             self.admin_token = os.environ.get(new.server.admin_token_env) or None
             log.info("config.reloaded", trigger=trigger, replicas=len(reports), restart_required=restart)
@@ -173,6 +168,9 @@ class Ingress:
                     return StreamingResponse(self._relay(first, stream), status_code=head["status"], headers=headers)
                 data = b"".join([chunk async for chunk in stream])
                 return Response(data, status_code=head["status"], headers=headers)
+            except asyncio.CancelledError:  # the client left: the replica stops generating too
+                stream.cancel()
+                raise
             except gone as error:
                 stream.cancel()
                 self.counters.failovers.labels("retried" if attempt < self.config.ray.max_retries else "gave_up").inc()

@@ -160,8 +160,8 @@ class Replica:
             if not member:  # a change rolled out while this replica started: apply it now
                 member = True
                 version, config = await self.fleet.get_config.remote()
-                if version != self.version:
-                    commands.append({"id": -1, "op": "apply", "args": {"config": config, "trigger": "joined"}})
+                if version != self.version:  # its own command: nobody waits for the answer
+                    commands.append({"id": None, "op": "apply", "args": {"config": config, "trigger": "joined"}})
             for command in commands:
                 asyncio.get_running_loop().create_task(self._run(command))
 
@@ -174,7 +174,10 @@ class Replica:
             api = api_error(error)
             answer = {"ok": False, "error": {"status": api.status, "message": api.message, "type": api.type,
                                              "code": api.code, "param": api.param}}
-        await self.fleet.reply.remote(self.id, command["id"], answer)
+        if command["id"] is not None:
+            await self.fleet.reply.remote(self.id, command["id"], answer)
+        elif not answer["ok"]:
+            log.error("ray.command_failed", replica=self.id, op=command["op"], error=answer["error"]["message"])
 
     async def op_apply(self, config: dict[str, Any], trigger: str) -> dict[str, Any]:
         """Serve ``config`` from now on: the loaded models that changed hot-swap here

@@ -144,7 +144,7 @@ def check_source(source: str | None, config: Config, param: str = "source") -> N
         cache = os.path.expanduser(config.kernel.cache_dir) if config.kernel.cache_dir else default_cache_dir()
         roots.append(os.path.realpath(os.path.join(cache, "adapters")))
     named = {os.path.realpath(os.path.expanduser(s)) for m in config.models.values()
-             for s in (m.source, m.draft) if s is not None and _is_path(s)}
+             for s in (m.source, m.draft, *m.adapters.values()) if s is not None and _is_path(s)}
     if path in named or any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
         return
     raise ApiError(403, f"{param} {source!r} is not under a directory this server loads from "

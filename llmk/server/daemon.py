@@ -36,6 +36,17 @@ RESTART_ONLY = {"server": ("host", "port"), "kernel": ("cache_dir",), "plugins":
                         "ray_actor_options", "app_name")}
 
 
+def keep_restart_only(old: Config, new: Config) -> list[str]:
+    """The settings of ``RESTART_ONLY`` that ``new`` changes ("server.port", ...), set back
+    in ``new`` to what the process runs with."""
+    changed = [f"{section}.{key}" for section, keys in RESTART_ONLY.items() for key in keys
+               if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
+    for setting in changed:
+        section, key = setting.split(".")
+        setattr(getattr(new, section), key, getattr(getattr(old, section), key))
+    return changed
+
+
 def _say(message: str) -> None:
     """Operator-facing lines go to stdout, next to "listening on"."""
     print(f"llmk serve: {message}", flush=True)
@@ -137,11 +148,7 @@ class Daemon:
         with self._reload_lock:
             report = ReloadReport(trigger)
             old, running = self.config, set(self.kernel.names())
-            report.restart_required = [f"{section}.{key}" for section, keys in RESTART_ONLY.items() for key in keys
-                                       if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
-            for setting in report.restart_required:  # keep what this process actually runs with
-                section, key = setting.split(".")
-                setattr(getattr(new, section), key, getattr(getattr(old, section), key))
+            report.restart_required = keep_restart_only(old, new)
             self._apply_settings(new)
             for name in sorted(set(old.models) - set(new.models)):
                 if name in running:
