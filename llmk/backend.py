@@ -13,7 +13,7 @@ import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -182,6 +182,9 @@ class SequenceStep:
     #: Logits wanted for this many of the last positions: 0 (a prompt chunk that
     #: does not end the prompt), 1 (the next token), or more (checking drafts).
     logits: int = 1
+    #: The LoRA adapter these tokens run with (what ``Runner.load_adapter`` returned),
+    #: or ``None`` for the model alone; rows of different adapters share a step.
+    adapter: Any = None
 
 
 class Runner(ABC):
@@ -225,6 +228,14 @@ class Runner(ABC):
         slot. Paged runners share blocks instead and never get this call."""
         raise UnsupportedError(f"{type(self).__name__} cannot copy cache blocks")
 
+    def load_adapter(self, path: Path) -> Any:
+        """Load a LoRA adapter (a peft adapter directory) beside the model's weights and
+        return what ``SequenceStep.adapter`` passes back: a runner that implements this
+        applies each step's adapters per row, so requests for different adapters share
+        one batch. Runners that cannot (compiled graphs) leave it: the kernel then
+        serves each adapter as a merged variant of its own."""
+        raise UnsupportedError(f"{type(self).__name__} cannot apply adapters per request")
+
     def release_blocks(self, blocks: list[int]) -> None:
         """``blocks`` hold nothing worth keeping: a runner may give their memory back
         to the OS (contiguous caches committed lazily). Optional."""
@@ -232,7 +243,8 @@ class Runner(ABC):
     # -- scoring and embedding -------------------------------------------------------
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits for every position of one sequence, ``[len, vocab]``, without
-        touching the serving cache."""
+        touching the serving cache. A runner that implements ``load_adapter`` also
+        takes ``adapter=`` (what it returned), to score with that adapter."""
         raise UnsupportedError(f"{type(self).__name__} does not score text")
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -15,19 +15,25 @@ import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmk.errors import OptionsError, UnsupportedError
+from llmk.logs import get_logger
 from llmk.sampling import LogitsProcessor, SamplingParams, TokenLogprob, TokenMask, sample
-from llmk.sequence import FinishReason, StreamChunk
+from llmk.sequence import Adapter, FinishReason, StreamChunk
 from llmk.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from llmk.backend import Runner
     from llmk.kv import KVCacheManager
     from llmk.scheduler import Request, Scheduler
     from llmk.speculative import SpeculativeConfig, Speculator
     from llmk.tools import ToolCall
+
+log = get_logger("llmk.generation")
 
 __all__ = ["Engine", "FinishReason", "GenerationResult", "LogitsProcessor", "SamplingParams", "StreamChunk",
            "IDLE_BACKLOG", "PromptTooLongError", "Timing", "TokenLogprob", "TokenMask", "default_kv_tokens", "sample"]
@@ -117,6 +123,44 @@ class Engine:
         self._scheduler: Scheduler | None = None
         self._kv: KVCacheManager | None = None
         self._scheduler_lock = threading.Lock()
+        #: LoRA adapters applied per request in this engine's batches (``set_adapters``).
+        self.adapters: dict[str, Adapter] = {}
+
+    @property
+    def batches_adapters(self) -> bool:
+        """The runner applies adapters per row (``Runner.load_adapter``): requests for
+        different adapters share this engine's batches."""
+        from llmk.backend import Runner
+
+        return type(self.runner).load_adapter is not Runner.load_adapter
+
+    def set_adapters(self, adapters: dict[str, str]) -> None:
+        """Serve exactly ``adapters`` (name -> peft directory): new ones are loaded into
+        the runner first (a failure changes nothing), then the set is replaced at once.
+        Requests already running keep the weights they started with."""
+        import os
+
+        loaded = {}
+        for name, path in adapters.items():
+            current = self.adapters.get(name)
+            if current is not None and current.path == path:
+                loaded[name] = current
+                continue
+            with self.lock:
+                weights = self.runner.load_adapter(Path(path))
+            loaded[name] = Adapter(name, path, weights, root=os.urandom(16))
+            log.info("engine.adapter_loaded", model=self.name, adapter=name, path=path)
+        self.adapters = loaded
+
+    def adapter(self, name: str | None) -> Adapter | None:
+        """The adapter a request names (``None``: the model alone)."""
+        if name is None:
+            return None
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            raise OptionsError("adapter", f"model {self.name!r} has no adapter {name!r}; it has: "
+                                          f"{', '.join(sorted(self.adapters)) or 'none'}")
+        return adapter
 
     @property
     def scheduler(self) -> Scheduler:
@@ -261,19 +305,21 @@ class Engine:
         return ids
 
     def submit(self, prompt: list[int], params: SamplingParams, timeout: float | None = None,
-               processors: Sequence[LogitsProcessor] = (), loop: asyncio.AbstractEventLoop | None = None) -> Request:
-        """Queue one generation; iterate the returned request for its chunks (``async
-        for`` when ``loop`` is given)."""
-        return self.scheduler.submit(prompt, params, timeout=timeout, processors=processors, loop=loop)
+               processors: Sequence[LogitsProcessor] = (), loop: asyncio.AbstractEventLoop | None = None,
+               adapter: str | None = None) -> Request:
+        """Queue one generation (with one of ``adapters``, when named); iterate the
+        returned request for its chunks (``async for`` when ``loop`` is given)."""
+        return self.scheduler.submit(prompt, params, timeout=timeout, processors=processors, loop=loop,
+                                     adapter=self.adapter(adapter))
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams], timing: Timing | None = None,
-                 timeout: float | None = None,
-                 processors: Sequence[LogitsProcessor] = ()) -> list[GenerationResult]:
+                 timeout: float | None = None, processors: Sequence[LogitsProcessor] = (),
+                 adapter: str | None = None) -> list[GenerationResult]:
         """Complete every prompt; each joins the running batch like any other request."""
         requests = []
         try:
             for prompt, p in zip(prompts, params):
-                requests.append(self.submit(prompt, p, timeout, processors))
+                requests.append(self.submit(prompt, p, timeout, processors, adapter=adapter))
             results = [_result(request, list(request)) for request in requests]
         finally:
             for request in requests:  # the caller gave up (an error, an interrupt): stop the rest
@@ -283,14 +329,14 @@ class Engine:
         return results
 
     async def agenerate(self, prompts: list[list[int]], params: list[SamplingParams], timing: Timing | None = None,
-                        timeout: float | None = None,
-                        processors: Sequence[LogitsProcessor] = ()) -> list[GenerationResult]:
+                        timeout: float | None = None, processors: Sequence[LogitsProcessor] = (),
+                        adapter: str | None = None) -> list[GenerationResult]:
         """``generate`` for a coroutine: no thread is blocked while it runs."""
         loop = asyncio.get_running_loop()
         requests = []
         try:
             for prompt, p in zip(prompts, params):
-                requests.append(self.submit(prompt, p, timeout, processors, loop))
+                requests.append(self.submit(prompt, p, timeout, processors, loop, adapter))
             results = [_result(request, [chunk async for chunk in request]) for request in requests]
         finally:
             for request in requests:
@@ -300,8 +346,9 @@ class Engine:
         return results
 
     def stream(self, prompt: list[int], params: SamplingParams, timing: Timing | None = None,
-               timeout: float | None = None, processors: Sequence[LogitsProcessor] = ()) -> Iterator[StreamChunk]:
-        request = self.submit(prompt, params, timeout, processors)
+               timeout: float | None = None, processors: Sequence[LogitsProcessor] = (),
+               adapter: str | None = None) -> Iterator[StreamChunk]:
+        request = self.submit(prompt, params, timeout, processors, adapter=adapter)
         try:
             for chunk in request:
                 if timing is not None:
@@ -321,26 +368,30 @@ class Engine:
             request.cancel()
 
     # -- scoring ----------------------------------------------------------
-    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob]:
+    def _scores(self, ids: list[int], adapter: Adapter | None) -> np.ndarray:
+        with self.lock:
+            return self.runner.logits(ids) if adapter is None else self.runner.logits(ids, adapter=adapter.weights)
+
+    def prompt_logprobs(self, ids: list[int], top: int = 0, adapter: str | None = None) -> list[TokenLogprob]:
         """Each prompt token's log-probability given the ones before it (the
         first has none), with the ``top`` likeliest tokens at each position."""
         from llmk.sampling import TokenLogprob, logprob_of
 
         if self.runner.task != "generate":
             raise UnsupportedError("this model embeds text; log-probabilities need a model that generates")
-        with self.lock:
-            logits = self.runner.logits(ids)
+        logits = self._scores(ids, self.adapter(adapter))
         text = self.tokenizer.token_text
         first = TokenLogprob(ids[0], text(ids[0]), None)
         return [first] + [logprob_of(logits[i - 1], ids[i], top, text) for i in range(1, len(ids))]
 
-    def perplexity(self, text: str) -> float:
+    def perplexity(self, text: str, adapter: str | None = None) -> float:
         """exp(mean negative log-likelihood) of ``text``; long texts are scored in
         overlapping windows (half-window stride), each token counted once."""
         import numpy as np
 
         if self.runner.task != "generate":
             raise UnsupportedError("this model embeds text; perplexity needs a model that generates")
+        served = self.adapter(adapter)
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
             raise OptionsError("perplexity", "the text needs at least two tokens")
@@ -350,8 +401,7 @@ class Engine:
         start = 0
         while scored_to < len(ids):
             chunk = ids[start:start + window]
-            with self.lock:
-                logits = self.runner.logits(chunk).astype(np.float64)
+            logits = self._scores(chunk, served).astype(np.float64)
             # logits[t] predicts chunk[t + 1]; score only positions not yet counted.
             first = scored_to - start
             targets = np.array(chunk[first:])

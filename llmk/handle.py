@@ -168,16 +168,17 @@ class ModelHandle:
     included: the generation stops with ``finish_reason="timeout"``),
     ``logits_processors`` (stateless, run on each step's logits before sampling:
     ``llmk.sampling.TokenMask`` constrains tokens), ``max_prompt_tokens``
-    (refuse longer prompts) and ``adapter`` (one of the model's ``adapters``: the
-    call runs on that variant, ``NAME:ADAPTER``).
+    (refuse longer prompts) and ``adapter`` (one of the model's ``adapters``, which
+    ``NAME:ADAPTER``'s handle uses by default; ``adapter=None`` is the model alone).
     """
 
-    def __init__(self, kernel: Kernel, name: str):
+    def __init__(self, kernel: Kernel, name: str, adapter: str | None = None):
         self._kernel = kernel
         self.name = name
+        self.adapter = adapter
 
     def __repr__(self) -> str:
-        return f"<ModelHandle {self.name!r}>"
+        return f"<ModelHandle {self.name!r}{'' if self.adapter is None else f' adapter={self.adapter!r}'}>"
 
     @property
     def version(self) -> ModelVersion:
@@ -188,22 +189,22 @@ class ModelHandle:
         return self.version.status(current=True)
 
     # -- leases ---------------------------------------------------------------
-    def _target(self, adapter: str | None) -> str:
-        """The name that serves a call: this model, or its adapter's variant (``name:ADAPTER``)."""
-        if adapter is None:
-            return self.name
-        target = f"{self.name}:{adapter}"
-        self._kernel.lifecycle.check_known(target)
-        return target
+    def _route(self, params: dict[str, Any]) -> tuple[str, str | None]:
+        """The name whose version serves a call, and the adapter its engine applies
+        (``params``' ``adapter``, taken out, else this handle's)."""
+        return self._kernel.route(self.name, params.pop("adapter", self.adapter))
 
-    def _acquire(self, adapter: str | None = None) -> ModelVersion:
-        return self._kernel.lifecycle.acquire(self._target(adapter))
+    def _acquire(self, params: dict[str, Any] | None = None) -> tuple[ModelVersion, str | None]:
+        target, adapter = self._route({} if params is None else params)
+        return self._kernel.lifecycle.acquire(target), adapter
 
-    async def _aacquire(self, adapter: str | None = None) -> ModelVersion:
+    async def _aacquire(self, params: dict[str, Any] | None = None) -> tuple[ModelVersion, str | None]:
         """Lease without blocking the event loop (a thread waits only while the model loads)."""
-        target = self._target(adapter)
+        target, adapter = self._route({} if params is None else params)
         version = self._kernel.lifecycle.try_acquire(target)
-        return version if version is not None else await asyncio.to_thread(self._kernel.lifecycle.acquire, target)
+        if version is None:
+            version = await asyncio.to_thread(self._kernel.lifecycle.acquire, target)
+        return version, adapter
 
     def _finished(self, version: ModelVersion, record: RequestRecord, timing: Timing) -> None:
         version.release()
@@ -253,11 +254,11 @@ class ModelHandle:
 
     def _run(self, prepares: list[Prepare], n: int, params: dict[str, Any], timeout: float | None,
              processors: Sequence[LogitsProcessor]) -> list[GenerationResult]:
-        version = self._acquire(params.pop("adapter", None))
+        version, adapter = self._acquire(params)
         with self._recording(version) as (record, timing):
             prepared = _expand(version.engine, prepares, n, params)
             results = version.engine.generate([p.ids for p in prepared], [p.params for p in prepared], timing,
-                                              timeout, processors)
+                                              timeout, processors, adapter)
             results = [_read_tools(r, p.tools) for r, p in zip(results, prepared)]
             _measure(record, results)
         return results
@@ -285,11 +286,11 @@ class ModelHandle:
 
     async def _arun(self, prepares: list[Prepare], n: int, params: dict[str, Any], timeout: float | None,
                     processors: Sequence[LogitsProcessor]) -> list[GenerationResult]:
-        version = await self._aacquire(params.pop("adapter", None))
+        version, adapter = await self._aacquire(params)
         with self._recording(version) as (record, timing):
             prepared = _expand(version.engine, prepares, n, params)
             results = await version.engine.agenerate([p.ids for p in prepared], [p.params for p in prepared],
-                                                     timing, timeout, processors)
+                                                     timing, timeout, processors, adapter)
             results = [_read_tools(r, p.tools) for r, p in zip(results, prepared)]
             _measure(record, results)
         return results
@@ -320,13 +321,13 @@ class ModelHandle:
 
     def _stream_leased(self, prepare: Prepare, params: dict[str, Any], timeout: float | None,
                        processors: Sequence[LogitsProcessor]) -> Iterator[StreamChunk | None]:
-        version = self._acquire(params.pop("adapter", None))
+        version, adapter = self._acquire(params)
         with self._recording(version) as (record, timing):
             started = time.perf_counter()
             engine = version.engine
             (prepared,) = _expand(engine, [prepare], 1, params)
             record.tokens_in = len(prepared.ids)
-            request = engine.submit(prepared.ids, prepared.params, timeout, processors)
+            request = engine.submit(prepared.ids, prepared.params, timeout, processors, adapter=adapter)
             rewrite = _ToolChunks(prepared.tools)
             try:
                 yield None  # consumed by _stream
@@ -357,13 +358,14 @@ class ModelHandle:
     async def _astream_leased(self, stream: AsyncStream, prepare: Prepare, params: dict[str, Any],
                               timeout: float | None,
                               processors: Sequence[LogitsProcessor]) -> AsyncGenerator[StreamChunk | None, None]:
-        version = await self._aacquire(params.pop("adapter", None))
+        version, adapter = await self._aacquire(params)
         with self._recording(version) as (record, timing):
             started = time.perf_counter()
             engine = version.engine
             (prepared,) = _expand(engine, [prepare], 1, params)
             record.tokens_in = stream.prompt_tokens = len(prepared.ids)
-            request = engine.submit(prepared.ids, prepared.params, timeout, processors, asyncio.get_running_loop())
+            request = engine.submit(prepared.ids, prepared.params, timeout, processors, asyncio.get_running_loop(),
+                                    adapter)
             rewrite = _ToolChunks(prepared.tools)
             try:
                 yield None  # consumed by AsyncStream.start
@@ -378,15 +380,15 @@ class ModelHandle:
 
     async def aprompt_logprobs(self, prompt: str | list[int], top: int = 0) -> list[Any]:
         """Each prompt token's ``TokenLogprob`` given those before it (the first's ``logprob`` is ``None``)."""
-        version = await self._aacquire()
+        version, adapter = await self._aacquire()
         with self._recording(version):
             engine = version.engine
             ids = engine.prompt_ids(prompt)
-            return await asyncio.to_thread(engine.prompt_logprobs, ids, top)
+            return await asyncio.to_thread(engine.prompt_logprobs, ids, top, adapter)
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of token ids (special tokens left out)."""
-        version = self._acquire()
+        version, _ = self._acquire()
         try:
             return version.engine.tokenizer.decode(list(token_ids))
         finally:
@@ -394,7 +396,7 @@ class ModelHandle:
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` is for this model (waits while it loads)."""
-        version = self._acquire()
+        version, _ = self._acquire()
         try:
             return len(version.engine.tokenizer.encode(text))
         finally:
@@ -404,24 +406,24 @@ class ModelHandle:
     def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
         """Sentence embeddings (L2-normalized), one vector per text."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        version = self._acquire()
+        version, _ = self._acquire()
         with self._recording(version) as (record, _):
             vectors = version.engine.embed(texts)
             record.tokens_in = len(texts)
         return vectors
 
-    def perplexity(self, text: str) -> float:
-        """Perplexity of the model on ``text`` (lower is better)."""
-        version = self._acquire()
+    def perplexity(self, text: str, *, adapter: str | None = None) -> float:
+        """Perplexity of the model (with this handle's adapter, or ``adapter``) on ``text`` (lower is better)."""
+        version, served = self._acquire({} if adapter is None else {"adapter": adapter})
         with self._recording(version):
-            return version.engine.perplexity(text)
+            return version.engine.perplexity(text, served)
 
     async def aembed(self, texts: str | Sequence[str]) -> list[list[float]]:
         # The runner computes while a thread waits: embeddings are not scheduled in steps.
         return await asyncio.to_thread(self.embed, texts)
 
-    async def aperplexity(self, text: str) -> float:
-        return await asyncio.to_thread(self.perplexity, text)
+    async def aperplexity(self, text: str, *, adapter: str | None = None) -> float:
+        return await asyncio.to_thread(lambda: self.perplexity(text, adapter=adapter))
 
 
 def _expand(engine: Engine, prepares: list[Prepare], n: int, params: dict[str, Any]) -> list[Prepared]:

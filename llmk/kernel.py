@@ -91,6 +91,9 @@ class Kernel:
         self._reaper = _Reaper(self.lifecycle, reap_interval) if reap_interval > 0 else None
         self.stall_timeout = stall_timeout
         self._adapters: dict[str, dict[str, str]] = {}  # name -> its adapters (served as name:ADAPTER)
+        self._batched: set[str] = set()  # names whose engine applies their adapters per request
+        # name -> (base spec, adapters) of a load in flight: its engine takes them before warming up
+        self._installing: dict[str, tuple[ModelSpec, dict[str, str]]] = {}
         self._watchdog = _Watchdog(self.lifecycle, stall_timeout) if stall_timeout else None
 
     # -- serving ---------------------------------------------------------------
@@ -116,16 +119,42 @@ class Kernel:
         return ModelHandle(self, name)
 
     def _load_with_adapters(self, name: str, spec: ModelSpec, pinned: bool, keep_alive: float | None) -> None:
-        """``name`` serves ``spec`` without its adapters; each adapter serves as
-        ``name:ADAPTER`` (its own version, the adapter merged in); variants of adapters
-        no longer listed are unloaded. A change of adapters alone leaves ``name`` as it is."""
-        self.lifecycle.load(name, spec.base(), pinned=pinned, keep_alive=keep_alive)
-        for adapter in spec.adapters:  # a failure raises here: the adapters recorded stay those serving
+        """``name`` serves ``spec``; each adapter serves as ``name:ADAPTER``: in
+        ``name``'s own batches where its runner applies adapters per request (torch),
+        else as a version of its own with the adapter merged in (graph backends).
+        A change of adapters alone leaves ``name``'s version serving as it is."""
+        base = spec.base()
+        self._installing[name] = (base, dict(spec.adapters))
+        try:
+            version = self.lifecycle.load(name, base, pinned=pinned, keep_alive=keep_alive)
+        finally:
+            self._installing.pop(name, None)
+        engine = version.engine
+        variants: dict[str, str] = {}
+        if engine is not None and engine.batches_adapters:
+            engine.set_adapters(spec.adapters)  # a failure raises here and changes nothing
+            self._batched.add(name)
+        else:
+            self._batched.discard(name)
+            variants = spec.adapters
+        for adapter in variants:  # a failure raises here: the adapters recorded stay those serving
             self.lifecycle.load(f"{name}:{adapter}", spec.variant(adapter), pinned=pinned, keep_alive=keep_alive)
         for other in self._variants(name):
-            if other.split(":", 1)[1] not in spec.adapters:
+            if other.split(":", 1)[1] not in variants:
                 self.lifecycle.unload(other, None)
         self._adapters[name] = dict(spec.adapters)
+
+    def route(self, name: str, adapter: str | None) -> tuple[str, str | None]:
+        """Where a call for ``name`` with ``adapter`` goes: the name whose version to
+        lease, and the adapter its engine applies (``None``: the version is the model
+        alone, or a variant with the adapter merged in)."""
+        if adapter is None:
+            return name, None
+        variant = f"{name}:{adapter}"
+        if name in self._batched and adapter in self._adapters.get(name, {}):
+            return name, adapter
+        self.lifecycle.check_known(variant)
+        return variant, None
 
     def _variants(self, name: str) -> list[str]:
         return [other for other in self.lifecycle.names() if other.startswith(f"{name}:")]
@@ -178,7 +207,11 @@ class Kernel:
         return tune(base, Path(data), settings, self.cache, device=device)
 
     def get(self, name: str) -> ModelHandle:
-        """The handle of a model that is serving or loading (its calls wait for it)."""
+        """The handle of a model that is serving or loading (its calls wait for it);
+        ``NAME:ADAPTER`` gives NAME's handle with that adapter."""
+        base, colon, adapter = name.partition(":")
+        if colon and base in self._batched and adapter in self._adapters.get(base, {}):
+            return ModelHandle(self, base, adapter)
         self.lifecycle.check_known(name)
         return ModelHandle(self, name)
 
@@ -189,9 +222,14 @@ class Kernel:
         for variant in self._variants(name):
             self.lifecycle.unload(variant, timeout)
         self._adapters.pop(name, None)
+        self._batched.discard(name)
 
     def names(self) -> list[str]:
-        return self.lifecycle.names()
+        """Every model serving, its adapters as ``NAME:ADAPTER``."""
+        names = self.lifecycle.names()
+        batched = [f"{name}:{adapter}" for name in names if name in self._batched
+                   for adapter in self._adapters.get(name, {})]
+        return sorted({*names, *batched})
 
     def status(self) -> list[dict[str, Any]]:
         """Every version loading, serving or draining (and a name's last failed
@@ -281,6 +319,7 @@ class Kernel:
                                 prefix_caching=spec.prefix_caching,
                                 max_queued_prompt_tokens=spec.max_queued_prompt_tokens,
                                 speculative=spec.speculative, draft=draft)
+        self._install_adapters(version)
         if plan.built and spec.max_ppl_increase is not None:
             try:
                 version.quality = self._quality_gate(version, plan.base, plan.backend, version.device,
@@ -289,6 +328,20 @@ class Kernel:
                 for path in plan.built:  # never leave a refused artifact behind as a good cache entry
                     self.cache.remove(path)
                 raise
+
+    def _install_adapters(self, version: ModelVersion) -> None:
+        """Before a version warms up, its engine takes the adapters it will serve (where
+        it applies them per request): those of the load in flight, or, for a version
+        brought back after a failed swap, those serving before."""
+        engine = version.engine
+        assert engine is not None
+        installing = self._installing.get(version.name)
+        if installing is not None and installing[0] == version.spec:
+            adapters = installing[1]
+        else:
+            adapters = self._adapters.get(version.name, {})
+        if adapters and engine.batches_adapters:
+            engine.set_adapters(adapters)
 
     def warm_up(self, version: ModelVersion) -> None:
         """Run one real request through the new version and check what it returns."""

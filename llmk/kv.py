@@ -91,6 +91,9 @@ class KVAllocation:
     hashes: list[bytes] = field(default_factory=list)
     #: Prompt positions found in the prefix cache at admission.
     reused_tokens: int = 0
+    #: The hash chain's root: what besides the tokens decides the cached keys and values
+    #: (a LoRA adapter changes them); empty for the model alone.
+    root: bytes = b""
 
 
 @dataclass
@@ -179,16 +182,18 @@ class KVCacheManager:
                        self.reused_tokens)
 
     # -- a sequence's life ---------------------------------------------------------------
-    def admit(self, prompt: Sequence[int], max_length: int, *, slot: int | None = None) -> KVAllocation | None:
+    def admit(self, prompt: Sequence[int], max_length: int, *, slot: int | None = None,
+              root: bytes = b"") -> KVAllocation | None:
         """Take a slot (``slot`` itself when given: a draft model's cache mirrors its
         target's slots), reuse the longest cached prefix of ``prompt`` and reserve
         blocks up to ``max_length`` positions; ``None`` when there is no free slot
-        or not enough room now (the caller waits and asks again)."""
+        or not enough room now (the caller waits and asks again). Prefixes are shared
+        only between sequences of the same ``root`` (their adapter)."""
         if not self._free_slots:
             return None
         if slot is not None and slot not in self._free_slots:
             raise KVCacheError(f"slot {slot} is not free")
-        hashes = self._prefix_hashes(prompt) if self.prefix_caching else []
+        hashes = self._prefix_hashes(prompt, root) if self.prefix_caching else []
         needed = self.blocks_for(max_length)
         if self.contiguous:
             slot, own = self._pick_slot(hashes) if slot is None else (slot, self._own_match(slot, hashes))
@@ -204,7 +209,7 @@ class KVCacheManager:
         if cost > self.available:
             return None
         del self._free_slots[slot]
-        allocation = KVAllocation(slot)
+        allocation = KVAllocation(slot, root=root)
         if self.contiguous:
             self._attach_contiguous(allocation, hashes, own, sources)
         else:
@@ -240,7 +245,7 @@ class KVCacheManager:
         full = min(final // self.block_size, len(allocation.blocks))
         while len(allocation.hashes) < full:
             index = len(allocation.hashes)
-            parent = allocation.hashes[-1] if allocation.hashes else b""
+            parent = allocation.hashes[-1] if allocation.hashes else allocation.root
             key = chain_hash(parent, tokens[index * self.block_size:(index + 1) * self.block_size])
             allocation.hashes.append(key)
             block = allocation.blocks[index]
@@ -340,10 +345,10 @@ class KVCacheManager:
             self._release(blocks)
 
     # -- the prefix cache -----------------------------------------------------------
-    def _prefix_hashes(self, prompt: Sequence[int]) -> list[bytes]:
+    def _prefix_hashes(self, prompt: Sequence[int], root: bytes) -> list[bytes]:
         """Hashes of the prompt's full blocks that may be reused: all but the last token stays computable."""
         hashes: list[bytes] = []
-        parent = b""
+        parent = root
         for index in range((len(prompt) - 1) // self.block_size):
             parent = chain_hash(parent, prompt[index * self.block_size:(index + 1) * self.block_size])
             hashes.append(parent)

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from llmk.backend import Runner
     from llmk.kv import KVCacheManager
     from llmk.sampling import LogitsProcessor, SamplingParams
+    from llmk.sequence import Adapter
     from llmk.tokenizer import Tokenizer
 
 log = get_logger("llmk.scheduler")
@@ -223,13 +224,13 @@ class Scheduler:
 
     # -- callers ------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, timeout: float | None = None,
-               processors: Sequence[LogitsProcessor] = (),
-               loop: asyncio.AbstractEventLoop | None = None) -> Request:
-        """Queue one generation. With ``loop`` (the running event loop) the request
-        is read with ``async for``, else with ``for``. Raises ``QueueFullError``
+               processors: Sequence[LogitsProcessor] = (), loop: asyncio.AbstractEventLoop | None = None,
+               adapter: Adapter | None = None) -> Request:
+        """Queue one generation (with ``adapter``'s weights, when given). With ``loop``
+        (the running event loop) the request is read with ``async for``, else with ``for``. Raises ``QueueFullError``
         when the batch and the queue are full, and ``OptionsError`` when the prompt
         and ``max_tokens`` could never fit in the KV cache."""
-        sequence = GenSequence(prompt_ids, params, self.tokenizer, self.runner.max_context, processors)
+        sequence = GenSequence(prompt_ids, params, self.tokenizer, self.runner.max_context, processors, adapter)
         if not self.kv.fits_ever(sequence.max_length):
             capacity = self.kv.capacity * self.kv.block_size
             raise OptionsError("generation", f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
@@ -335,7 +336,8 @@ class Scheduler:
                 self._waiting.popleft()
                 continue
             sequence = request.sequence
-            allocation = self.kv.admit(sequence.prompt_ids, sequence.max_length)
+            allocation = self.kv.admit(sequence.prompt_ids, sequence.max_length,
+                                       root=b"" if sequence.adapter is None else sequence.adapter.root)
             if allocation is None:
                 return  # first come, first served: it waits for room, and so does everyone behind it
             self._waiting.popleft()
@@ -396,7 +398,7 @@ class Scheduler:
             length = len(sequence.token_ids)
             self.kv.ensure(sequence.kv, length + len(draft))
             steps.append(SequenceStep(sequence.kv.slot, [sequence.token_ids[-1], *draft], length - 1,
-                                      sequence.kv.blocks, logits=1 + len(draft)))
+                                      sequence.kv.blocks, logits=1 + len(draft), adapter=_weights(sequence)))
             owners.append(request)
         decoding = len(steps)
         for request in self._running:
@@ -410,7 +412,8 @@ class Scheduler:
             self.kv.ensure(sequence.kv, end)
             last = end == len(sequence.prompt_ids)
             steps.append(SequenceStep(sequence.kv.slot, sequence.prompt_ids[sequence.computed:end],
-                                      sequence.computed, sequence.kv.blocks, logits=1 if last else 0))
+                                      sequence.computed, sequence.kv.blocks, logits=1 if last else 0,
+                                      adapter=_weights(sequence)))
             owners.append(request)
         if steps:
             self.recent_steps.append((decoding, sum(len(s.tokens) for s in steps[decoding:])))
@@ -497,3 +500,8 @@ class Scheduler:
         reason = "timeout" if request.cancel_reason == "timeout" else "cancelled"
         request._emit(request.sequence.stop(reason))
         return True
+
+
+def _weights(sequence: GenSequence) -> object:
+    """What the runner applies to the sequence's rows: its adapter's weights, or nothing."""
+    return None if sequence.adapter is None else sequence.adapter.weights

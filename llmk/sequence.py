@@ -26,6 +26,18 @@ if TYPE_CHECKING:
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "tool_calls"]
 
 
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """A LoRA adapter loaded into a model's runner, as the sequences that use it carry it."""
+
+    name: str
+    path: str
+    #: What ``Runner.load_adapter`` returned; steps pass it back (``SequenceStep.adapter``).
+    weights: object
+    #: Its prefix-cache root (``KVAllocation.root``): unique to this load of the adapter.
+    root: bytes
+
+
 @dataclass
 class StreamChunk:
     """A piece of a streamed completion; the last one carries ``finish_reason``."""
@@ -55,11 +67,12 @@ class Sequence:
     """A prompt and its completion, from submission to its last token."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, max_context: int,
-                 processors: Seq[LogitsProcessor] = ()):
+                 processors: Seq[LogitsProcessor] = (), adapter: Adapter | None = None):
         import numpy as np
 
         self.prompt_ids = list(prompt_ids)
         self.params = params
+        self.adapter = adapter
         self.processors = _pipeline(params, self.prompt_ids, tokenizer, processors)
         self.rng = np.random.default_rng(params.seed)
         #: Prompt then output ids: what the KV cache holds (up to ``computed``) and will hold.

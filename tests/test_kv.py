@@ -66,6 +66,24 @@ def test_a_repeated_prompt_reuses_its_full_blocks_but_not_its_last_token(contigu
     assert kv.stats().hit_rate == pytest.approx(8 / 24)
 
 
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_prefixes_are_shared_only_between_sequences_of_the_same_root(contiguous):
+    """A LoRA adapter changes every cached key and value: its sequences hash from their own root."""
+    kv, contents = manager(contiguous)
+    prompt = list(range(10, 22))
+    first = kv.admit(prompt, 16)
+    write(kv, contents, first, prompt, 0, 12)
+    kv.commit(first, prompt, 12)
+    kv.free(first)
+    adapted = kv.admit(prompt, 16, root=b"adapter-a")
+    assert adapted.reused_tokens == 0
+    write(kv, contents, adapted, prompt, 0, 12)
+    kv.commit(adapted, prompt, 12)
+    kv.free(adapted)
+    assert kv.admit(prompt, 16, root=b"adapter-a").reused_tokens == 8
+    assert kv.admit(prompt, 16, root=b"adapter-b").reused_tokens == 0
+
+
 def test_paged_sequences_share_prefix_blocks():
     kv, contents = manager()
     prompt = list(range(12))

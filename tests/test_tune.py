@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -127,22 +128,36 @@ def adapters(real_kernel, quillo, tmp_path_factory):
 QUESTION = [{"role": "user", "content": "How do I care for the strap of my Quillo 2?"}]
 
 
-def test_adapters_serve_as_variants_beside_the_base_model(real_kernel, adapters):
+def test_on_torch_two_adapters_and_none_share_one_batch_and_answer_as_alone(real_kernel, adapters):
+    import concurrent.futures
+
     from llmk.errors import ModelNotFoundError
 
     chat = real_kernel.load("adapted", source="builtin:smollm2", backend="torch", adapters=adapters)
     assert {"adapted", "adapted:quillo", "adapted:pirate"} <= set(real_kernel.names())
-    alone = {adapter: chat.chat(QUESTION, max_tokens=20, temperature=0, adapter=adapter).text
+    assert real_kernel.lifecycle.names().count("adapted:quillo") == 0  # no variant: one version serves all three
+    engine = chat.version.engine
+    alone = {adapter: chat.chat(QUESTION, max_tokens=20, temperature=0, adapter=adapter)
              for adapter in (None, "quillo", "pirate")}
-    assert len(set(alone.values())) == 3, alone  # each adapter changes the answer
-    assert "quillo care" in alone["quillo"].lower() and "quillo care" not in alone[None].lower()
-    # At once, base and both adapters: each answers as it does alone.
-    import concurrent.futures
-
+    assert len({r.text for r in alone.values()}) == 3, alone  # each adapter changes the answer
+    assert "quillo care" in alone["quillo"].text.lower() and "quillo care" not in alone[None].text.lower()
+    assert min(r.completion_tokens for r in alone.values()) >= 3
+    assert real_kernel.get("adapted:pirate").chat(QUESTION, max_tokens=20, temperature=0).text == alone["pirate"].text
+    # At once: the engine is held while the three queue, so they are admitted together and
+    # decode in the same steps (rows of two adapters and of none in one forward).
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        together = dict(zip(alone, pool.map(
-            lambda adapter: chat.chat(QUESTION, max_tokens=20, temperature=0, adapter=adapter).text, alone)))
-    assert together == alone
+        with engine.lock:
+            futures = {adapter: pool.submit(chat.chat, QUESTION, max_tokens=20, temperature=0, adapter=adapter)
+                       for adapter in alone}
+            deadline = time.monotonic() + 120
+            while sum(engine.backlog()[k] for k in ("queued", "running")) < 3:
+                assert time.monotonic() < deadline, engine.backlog()
+                time.sleep(0.01)
+            first_step = engine.scheduler.steps
+        together = {adapter: future.result(timeout=300) for adapter, future in futures.items()}
+    assert {a: r.token_ids for a, r in together.items()} == {a: r.token_ids for a, r in alone.items()}
+    shared = list(engine.scheduler.recent_steps)[-(engine.scheduler.steps - first_step):]
+    assert max(rows for rows, _ in shared) == 3, shared
     with pytest.raises(ModelNotFoundError):
         chat.generate("hi", max_tokens=2, adapter="nope")
     # Adapters change at run time without touching the base model's version.
@@ -150,6 +165,8 @@ def test_adapters_serve_as_variants_beside_the_base_model(real_kernel, adapters)
     real_kernel.load("adapted", source="builtin:smollm2", backend="torch", adapters={"quillo": adapters["quillo"]})
     assert chat.version.number == base_version
     assert "adapted:pirate" not in real_kernel.names() and "adapted:quillo" in real_kernel.names()
+    with pytest.raises(ModelNotFoundError):
+        chat.generate("hi", max_tokens=2, adapter="pirate")
     real_kernel.unload("adapted")
     assert not [n for n in real_kernel.names() if n.startswith("adapted")]
 
@@ -159,8 +176,11 @@ def test_an_adapter_on_a_graph_backend_is_merged_and_answers_as_on_torch(real_ke
                                   adapters={"quillo": adapters["quillo"]})
     graph_chat = real_kernel.load("adapted-ort", source="builtin:smollm2", backend="onnxruntime",
                                   adapters={"quillo": adapters["quillo"]})
+    # The base first: its cached prompt blocks must not serve the adapter's rows (other keys and values).
+    torch_chat.chat(QUESTION, max_tokens=2, temperature=0)
     expected = torch_chat.chat(QUESTION, max_tokens=16, temperature=0, adapter="quillo").token_ids
     assert graph_chat.chat(QUESTION, max_tokens=16, temperature=0, adapter="quillo").token_ids == expected
+    assert "adapted-ort:quillo" in real_kernel.lifecycle.names()  # a merged variant of its own
     real_kernel.unload("adapted-torch")
     real_kernel.unload("adapted-ort")
 

@@ -12,7 +12,9 @@ chunk in its own.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 
 from llmk.artifact import Task
 from llmk.backend import KVLayout, Runner, SequenceStep
+from llmk_backend_torch.lora import LoraWeights, RowAdapters, load_lora
 
 #: The name llmk's attention function is registered under in transformers.
 ATTENTION = "llmk_paged"
@@ -91,6 +94,8 @@ class TorchRunner(Runner):
         config = model.config
         self.max_context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self._pools: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._adapters: RowAdapters | None = None  # hooks, once an adapter is loaded
+        self._adapter_weights: weakref.WeakSet[LoraWeights] = weakref.WeakSet()  # held while the engine serves them
         if task == "generate":
             heads = config.num_attention_heads
             self._kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -136,9 +141,33 @@ class TorchRunner(Runner):
         if decode_rows:
             groups.append(self._decode_group(decode_rows, decode_index, decode_lengths))
         step_info = _Step(self._pools, torch.from_numpy(np.concatenate(slots)).to(self.device), groups)
-        out = self._forward(input_ids=self._tensor([ids]), position_ids=self._tensor([positions]), use_cache=False,
-                            logits_to_keep=self._tensor(keep), llmk_step=step_info)
+        if self._adapters is not None:
+            self._adapters.active = self._adapter_rows(steps, len(ids))
+        try:
+            out = self._forward(input_ids=self._tensor([ids]), position_ids=self._tensor([positions]),
+                                use_cache=False, logits_to_keep=self._tensor(keep), llmk_step=step_info)
+        finally:
+            if self._adapters is not None:
+                self._adapters.active = []
         return self._logits(out.logits[0])
+
+    def _adapter_rows(self, steps: list[SequenceStep], total: int) -> list[tuple[LoraWeights, torch.Tensor | None]]:
+        """Each adapter of the step with the token rows that use it (``None``: every row)."""
+        rows: dict[int, tuple[LoraWeights, list[int]]] = {}
+        first = 0
+        for step in steps:
+            if step.adapter is not None:
+                rows.setdefault(id(step.adapter), (step.adapter, []))[1].extend(range(first, first + len(step.tokens)))
+            first += len(step.tokens)
+        return [(weights, None if len(taken) == total else self._tensor(taken)) for weights, taken in rows.values()]
+
+    def load_adapter(self, path: Path) -> LoraWeights:
+        weights = load_lora(path, self.model, self.device, self._dtype)
+        if self._adapters is None:
+            self._adapters = RowAdapters(self.model)
+        self._adapters.attach(weights)
+        self._adapter_weights.add(weights)
+        return weights
 
     def _tensor(self, values: Any) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -161,9 +190,16 @@ class TorchRunner(Runner):
                       torch.from_numpy(mask[:, None, None, :]).to(self.device), decode=True)
 
     # -- scoring and embedding -------------------------------------------------------
-    def logits(self, token_ids: list[int]) -> np.ndarray:
+    def logits(self, token_ids: list[int], adapter: LoraWeights | None = None) -> np.ndarray:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        return self._logits(self._forward(input_ids=ids, use_cache=False).logits[0])
+        if adapter is None:
+            return self._logits(self._forward(input_ids=ids, use_cache=False).logits[0])
+        assert self._adapters is not None  # loaded by load_adapter
+        self._adapters.active = [(adapter, None)]
+        try:
+            return self._logits(self._forward(input_ids=ids, use_cache=False).logits[0])
+        finally:
+            self._adapters.active = []
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         out = self._forward(
@@ -174,7 +210,7 @@ class TorchRunner(Runner):
 
     def memory_bytes(self) -> int:
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(w.nbytes() for w in self._adapter_weights)
 
     def close(self) -> None:
         self.model = None
