@@ -90,6 +90,8 @@ class ServerConfig(_Section):
     #: Directories the management API may load local models from (besides ``builtin:``
     #: and other registered sources, and the paths this file names). Empty: none.
     model_roots: list[str] = Field(default_factory=list)
+    #: The web console at ``/`` (and its JSON at ``/console/state``); false: both are 404s.
+    console: bool = True
 
 
 class KernelConfig(_Section):

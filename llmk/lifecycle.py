@@ -119,6 +119,7 @@ class ModelVersion:
             "version": self.number,
             "current": current,
             "state": self.state.value,
+            "task": self.artifact.task if self.artifact is not None else None,  # generate or embed, once prepared
             "source": self.spec.source,
             "backend": self.backend or self.spec.backend,
             "device": self.device or self.spec.device,

@@ -21,7 +21,7 @@ from starlette.routing import Match
 
 from llmk import __version__
 from llmk.errors import LlmkError
-from llmk.server import admin, api, responses
+from llmk.server import admin, api, console, responses
 from llmk.server.bodies import MAX_JSON_DEPTH, BodyLimit, BodyRefused
 from llmk.server.errors import ApiError, api_error, error_response
 from llmk.server.metrics import RequestLog
@@ -44,16 +44,11 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.include_router(responses.router(daemon))
     app.include_router(admin.router(daemon))
 
-    def stalled() -> dict[str, dict[str, float]]:
-        """The models whose engine the watchdog found stuck: since when (wall clock), for how long."""
-        return {s["name"]: {"since": s["stalled_since"], "seconds": s["stalled_seconds"]}
-                for s in daemon.kernel.status() if s["current"] and s.get("stalled_since") is not None}
-
     @app.get("/health")
     async def health() -> Any:
         """Alive: the process answers and no model's engine is stuck (503 naming them:
         a stuck engine thread only ends with the process)."""
-        stuck = stalled()
+        stuck = stalled(daemon)
         if stuck:
             return JSONResponse({"status": "stalled", "stalled": stuck}, status_code=503)
         return {"status": "ok"}
@@ -61,19 +56,8 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.get("/ready")
     async def ready() -> Any:
         """Ready: every configured model (and adapter) serves, none is stalled, and the daemon is not shutting down."""
-        if daemon.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        stuck = stalled()
-        if stuck:
-            return JSONResponse({"status": "stalled", "stalled": stuck}, status_code=503)
-        names = daemon.kernel.names()
-        expected = {*daemon.config.models, *(f"{name}:{adapter}" for name, model in daemon.config.models.items()
-                                             for adapter in model.adapters)}
-        missing = sorted(expected - set(names))
-        if missing:
-            failed = {name: daemon.failures[name] for name in missing if name in daemon.failures}
-            return JSONResponse({"status": "loading", "missing": missing, "failed": failed}, status_code=503)
-        return {"status": "ready", "models": names}
+        body = readiness(daemon)
+        return body if body["status"] == "ready" else JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -81,8 +65,33 @@ def create_app(daemon: Daemon) -> FastAPI:
         body, content_type = daemon.metrics.render()
         return Response(body, media_type=content_type)
 
+    console.mount(app, daemon)  # GET / and /console/*, out of the OpenAPI schema
     document_errors(app)
     return app
+
+
+def stalled(daemon: Daemon) -> dict[str, dict[str, float]]:
+    """The models whose engine the watchdog found stuck: since when (wall clock), for how long."""
+    return {s["name"]: {"since": s["stalled_since"], "seconds": s["stalled_seconds"]}
+            for s in daemon.kernel.status() if s["current"] and s.get("stalled_since") is not None}
+
+
+def readiness(daemon: Daemon) -> dict[str, Any]:
+    """What ``/ready`` answers (and the console shows): ``status`` is ready, draining,
+    stalled (naming the models) or loading (naming those missing and why they failed)."""
+    if daemon.draining:
+        return {"status": "draining"}
+    stuck = stalled(daemon)
+    if stuck:
+        return {"status": "stalled", "stalled": stuck}
+    names = daemon.kernel.names()
+    expected = {*daemon.config.models, *(f"{name}:{adapter}" for name, model in daemon.config.models.items()
+                                         for adapter in model.adapters)}
+    missing = sorted(expected - set(names))
+    if missing:
+        failed = {name: daemon.failures[name] for name in missing if name in daemon.failures}
+        return {"status": "loading", "missing": missing, "failed": failed}
+    return {"status": "ready", "models": names}
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -222,7 +222,7 @@ class RequestLog:
             model = fields.pop("model", "")
             self.metrics.http_requests.labels(model, endpoint, str(status)).inc()
             self.metrics.http_seconds.labels(endpoint).observe(seconds)
-            if endpoint not in ("/metrics", "/health", "/ready"):  # probes would drown the log
+            if endpoint not in ("/metrics", "/health", "/ready", "/console/state"):  # probes and polls: noise
                 log.info("http.request", request_id=uuid.uuid4().hex[:16], method=scope["method"],
                          endpoint=endpoint, status=status, model=model or None, seconds=round(seconds, 4),
                          client=(scope.get("client") or ("",))[0], **fields)
