@@ -201,6 +201,7 @@ def until(page, expression: str, arg=None, timeout: float = 120) -> None:
 
 def screenshot(page, name: str) -> None:
     if SCREENSHOTS:
+        page.evaluate("document.activeElement?.blur()")  # no focus ring in the picture
         page.screenshot(path=str(Path(SCREENSHOTS) / name))
 
 
@@ -222,10 +223,12 @@ def test_the_dashboard_lists_the_models_with_no_console_errors(page, daemon):
         page.click(f"#tab-{tab}")
         assert page.locator(f"#panel-{tab}").is_visible()
     page.wait_for_timeout(2500)  # a poll or two more
-    if SCREENSHOTS:
-        httpx.post(f"{daemon.url}/v1/chat/completions", timeout=120, json={
-            "model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16})
-        page.wait_for_timeout(4500)
+    if SCREENSHOTS:  # some traffic first, for the plots to show
+        for question in ("Hi", "What is a kernel?", "Name three colours.", "Why is the sky blue?"):
+            httpx.post(f"{daemon.url}/v1/chat/completions", timeout=120, json={
+                "model": "smollm2", "messages": [{"role": "user", "content": question}], "max_tokens": 48})
+            httpx.post(f"{daemon.url}/v1/embeddings", json={"model": "minilm", "input": [question] * 4})
+            page.wait_for_timeout(3000)
         screenshot(page, "console-dashboard.png")
     assert page.errors == []
 

@@ -6,7 +6,8 @@ const W = 320;
 const H = 120;
 const PAD = { left: 6, right: 6, top: 18, bottom: 16 };
 
-// series: [{label, cls, points: [[epochSeconds, value|null], ...], dashed}]
+// series: [{label, cls, points: [[epochSeconds, value|null], ...], dashed, connect}]; a null breaks
+// the line, unless `connect` (a point only where something was measured).
 export function drawChart(figure, { title, series, window, now, format }) {
   const values = series.flatMap((s) => s.points.map((p) => p[1])).filter((v) => v !== null && v !== undefined);
   const top = niceMax(Math.max(0, ...values));
@@ -27,7 +28,9 @@ export function drawChart(figure, { title, series, window, now, format }) {
   svg.append(el("text", { svg: true, x: PAD.left, y: H - 3, class: "tick", text: `−${Math.round(window / 60)} min` }));
   svg.append(el("text", { svg: true, x: W - PAD.right, y: H - 3, class: "tick end", text: "now" }));
   for (const s of series) {
-    for (const run of runs(s.points.filter((p) => now - p[0] <= window))) {
+    const measured = (p) => p[1] !== null && p[1] !== undefined;
+    const shown = s.points.filter((p) => now - p[0] <= window && (!s.connect || measured(p)));
+    for (const run of runs(shown)) {
       const d = run.map((p, i) => `${i ? "L" : "M"}${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join("");
       if (run.length === 1) {
         svg.append(el("circle", { svg: true, cx: x(run[0][0]), cy: y(run[0][1]), r: 1.8, class: `dot ${s.cls}` }));

@@ -31,17 +31,19 @@ function tiles(state) {
 function charts(state) {
   const history = state.history;
   const now = state.time;
-  const window = state.history_seconds;
+  // The minutes there is history for (one at least, up to what the daemon keeps).
+  const since = history.length ? now - history[0].time : 0;
+  const window = Math.min(state.history_seconds, Math.max(60, Math.ceil(since / 60) * 60));
   const points = (key, scale = 1) => history.map((h) => [h.time, h[key] === null ? null : h[key] * scale]);
   drawChart($("#chart-throughput"), {
     title: "Throughput", window, now, format: (v) => `${fmtRate(v)} tok/s`,
     series: [{ label: "generated tokens/s", cls: "s1", points: points("tokens_per_second") }],
   });
   drawChart($("#chart-latency"), {
-    title: "Latency (p50 of finished requests)", window, now, format: (v) => fmtSeconds(v),
-    series: [
-      { label: "TTFT", cls: "s2", points: points("ttft_p50_seconds") },
-      { label: "TPOT", cls: "s3", points: points("tpot_p50_seconds") },
+    title: "Latency p50", window, now, format: (v) => fmtSeconds(v),
+    series: [  // of the requests that finished between two samples: none, no point
+      { label: "TTFT", cls: "s2", connect: true, points: points("ttft_p50_seconds") },
+      { label: "TPOT", cls: "s3", connect: true, points: points("tpot_p50_seconds") },
     ],
   });
   // In GiB or MiB, whichever keeps the axis's round top a round number of bytes.
