@@ -135,6 +135,50 @@ def test_console_false_is_a_404_and_a_reload_turns_it_on(in_process):
     assert client.get("/").status_code == 200 and client.get("/console/state").status_code == 200
 
 
+def test_the_recorder_keeps_rates_latencies_and_a_bounded_history():
+    from llmk.monitor import RequestRecord
+    from llmk.server.console.state import EVENTS, HISTORY_SECONDS, Recorder
+
+    now = [0.0]
+    recorder = Recorder(clock=lambda: now[0], wall=lambda: 1000.0 + now[0])
+    memory = {"used_bytes": 10, "budget_bytes": None}
+
+    def version(number: int, tokens: int, requests: int) -> dict:
+        return {"name": "chat", "version": number, "decode_tokens": tokens, "requests": requests}
+
+    recorder.sample([version(1, 100, 4)], memory)
+    now[0] = 0.5
+    recorder.sample([version(1, 150, 5)], memory)  # under a second since the last: no point
+    assert len(recorder.history) == 1 and recorder.history[0]["tokens_per_second"] == 0.0
+    recorder.request_finished(RequestRecord(ttft=0.2, tpot=0.05, finish_reason="stop"))
+    recorder.request_finished(RequestRecord(ttft=0.4, tpot=0.07, finish_reason="stop"))
+    recorder.request_finished(RequestRecord(ttft=0.3, tpot=0.06, finish_reason="stop"))
+    recorder.request_finished(RequestRecord())  # an embedding: no latency
+    now[0] = 2.0
+    recorder.sample([version(1, 160, 6)], memory)
+    last = recorder.history[-1]
+    assert (last["tokens_per_second"], last["requests_per_second"]) == (30.0, 1.0)  # since t=0, not t=0.5
+    assert (last["ttft_p50_seconds"], last["tpot_p50_seconds"]) == (0.3, 0.06)
+    now[0] = 4.0  # swapped: version 2 starts from its own counters, version 1 is gone
+    recorder.sample([version(2, 8, 1)], memory)
+    assert recorder.history[-1]["tokens_per_second"] == 0.0 and recorder.history[-1]["ttft_p50_seconds"] is None
+    now[0] = 5.0
+    recorder.sample([version(2, 18, 2)], memory)
+    assert recorder.rates == {"chat": {"tokens_per_second": 10.0, "requests_per_second": 1.0}}
+    for second in range(6, int(HISTORY_SECONDS) + 20):
+        now[0] = float(second)
+        recorder.sample([version(2, 18, 2)], memory)
+    times = [point["time"] for point in recorder.history]
+    assert times[-1] - times[0] <= HISTORY_SECONDS and len(times) == HISTORY_SECONDS + 1
+
+    for _ in range(EVENTS + 5):
+        recorder.model_alert("chat", 2, {"metric": "error_rate", "value": 1.0, "threshold": 0.5, "state": "firing"})
+    events = recorder.snapshot()["events"]
+    assert len(events) == EVENTS and events[-1]["id"] == EVENTS + 5 and events[-1]["kind"] == "alert"
+    recorder.model_state_changed("chat", 3, "failed", "loading", {"error": ValueError("bad")})
+    assert recorder.snapshot()["events"][-1]["detail"] == {"error": "bad"}  # JSON as it is
+
+
 # -- the page in a real browser ------------------------------------------------------------
 
 needs_models = pytest.mark.skipif(

@@ -40,11 +40,16 @@ window.addEventListener("hashchange", () => select(fromHash()));
 select(fromHash());
 
 // -- the daemon's state, polled
+
+// Live regions are re-announced when their text is set, even to the same words: set changes only.
+function say(node, text, className) {
+  if (node.textContent !== text) node.textContent = text;
+  if (className !== undefined && node.className !== className) node.className = className;
+}
+
 function banner(state) {
   const readiness = state.readiness;
-  const pill = $("#daemon-status");
-  pill.textContent = readiness.status;
-  pill.className = `pill daemon-${readiness.status}`;
+  say($("#daemon-status"), readiness.status, `pill daemon-${readiness.status}`);
   const box = $("#banner");
   let message = "";
   if (readiness.status === "draining") {
@@ -59,8 +64,7 @@ function banner(state) {
       : `Loading: ${readiness.missing.join(", ")}…`;
   }
   box.hidden = !message;
-  box.textContent = message;
-  box.className = readiness.status === "loading" && !Object.keys(readiness.failed || {}).length ? "info" : "alert";
+  say(box, message, readiness.status === "loading" && !Object.keys(readiness.failed || {}).length ? "info" : "alert");
 }
 
 async function poll() {
@@ -68,13 +72,9 @@ async function poll() {
   try {
     state = await api("GET", "console/state");
   } catch (error) {
-    const pill = $("#daemon-status");
-    pill.textContent = "unreachable";
-    pill.className = "pill daemon-unreachable";
-    const box = $("#banner");
-    box.hidden = false;
-    box.className = "alert";
-    box.textContent = `Cannot read the daemon's state (${error.message}); retrying.`;
+    say($("#daemon-status"), "unreachable", "pill daemon-unreachable");
+    $("#banner").hidden = false;
+    say($("#banner"), `Cannot read the daemon's state (${error.message}); retrying.`, "alert");
   }
   if (state !== null) {
     $("#llmk-version").textContent = state.llmk_version;
