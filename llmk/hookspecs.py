@@ -107,6 +107,20 @@ def model_state_changed(name: str, version: int, state: str, previous: str, deta
 
 
 @hookspec
+def model_update(name: str, stage: str, detail: dict[str, Any]) -> None:
+    """Observer: a step of a periodic update of ``name`` (its spec's ``update``).
+
+    Stages, in order: ``started`` (``detail["files"]``: the new data files),
+    ``tuned`` (the ``adapter`` and the perplexities ``serving_eval``,
+    ``candidate_eval``, ``serving_new``, ``candidate_new``), then ``passed`` and
+    ``swapped`` (the new ``version``), or ``rejected`` (the ``reason``: the quality
+    gate failed), or ``failed`` at any point (the ``error``); after ``rejected``
+    or ``failed`` the old version keeps serving. Each is also the
+    ``model.update_STAGE`` event.
+    """
+
+
+@hookspec
 def model_alert(name: str, version: int, alert: dict[str, Any]) -> None:
     """Observer: an alert rule of the kernel changed state for ``version`` of ``name``.
 

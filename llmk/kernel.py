@@ -35,9 +35,11 @@ from llmk.plugins import Plugins, Registered
 from llmk.sources import as_hf
 from llmk.spec import ModelSpec, PassSpec
 from llmk.tokenizer import Tokenizer
+from llmk.update import Updater
 
 if TYPE_CHECKING:
     from llmk.tune import TuneResult
+    from llmk.update import UpdateRecord
 
 log = get_logger("llmk.kernel")
 
@@ -62,7 +64,9 @@ class Kernel:
     ``max_queue`` is how many requests may wait per model before
     ``QueueFullError``; ``stall_timeout`` (seconds; ``None`` turns the watchdog
     off) is how long an engine may have work and make no progress before it is
-    reported and its requests fail (``Lifecycle.check_stalls``); ``clock``
+    reported and its requests fail (``Lifecycle.check_stalls``); ``update_poll``
+    is how often models with an ``update`` policy are checked for new data (0:
+    only when ``update_models()`` is called; ``llmk.update``); ``clock``
     (monotonic seconds) is injectable for tests.
     """
 
@@ -80,6 +84,7 @@ class Kernel:
         reap_interval: float = 5.0,
         max_queue: int = 1024,
         stall_timeout: float | None = 120.0,
+        update_poll: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.plugins = Plugins(disable=disable, autoload=autoload, plugins=plugins)
@@ -95,6 +100,7 @@ class Kernel:
         # name -> (base spec, adapters) of a load in flight: its engine takes them before warming up
         self._installing: dict[str, tuple[ModelSpec, dict[str, str]]] = {}
         self._watchdog = _Watchdog(self.lifecycle, stall_timeout) if stall_timeout else None
+        self.updates = Updater(self, update_poll)
 
     # -- serving ---------------------------------------------------------------
     def load(self, name: str, source: str | None = None, *, pinned: bool = False, keep_alive: float | None = None,
@@ -143,6 +149,7 @@ class Kernel:
             if other.split(":", 1)[1] not in variants:
                 self.lifecycle.unload(other, None)
         self._adapters[name] = dict(spec.adapters)
+        self.updates.watch(name, spec)
 
     def route(self, name: str, adapter: str | None) -> tuple[str, str | None]:
         """Where a call for ``name`` with ``adapter`` goes: the name whose version to
@@ -172,7 +179,9 @@ class Kernel:
         loaded again) and the error is raised.
         """
         current = self.lifecycle.current(name)
-        merged = {**current.spec.model_dump(), "adapters": self._adapters.get(name, {})}
+        policy = self.updates.policy(name)
+        merged = {**current.spec.model_dump(), "adapters": self._adapters.get(name, {}),
+                  "update": None if policy is None else policy.model_dump()}
         merged.update(fields)
         if source is not None:
             merged["source"] = source
@@ -206,6 +215,15 @@ class Kernel:
             raise UnsupportedError(f"{source} embeds; only a causal LM can be tuned")
         return tune(base, Path(data), settings, self.cache, device=device)
 
+    def hf_source(self, source: str) -> Path:
+        """``source`` as a Hugging Face model directory (a GGUF converted once, into the cache)."""
+        return as_hf(self.plugins.resolve_source(source, self.cache), self.cache).path
+
+    def update_models(self) -> list[UpdateRecord]:
+        """Run the periodic updates that are due now (the updater thread does this
+        every ``update_poll``); returns what each did."""
+        return self.updates.tick()
+
     def get(self, name: str) -> ModelHandle:
         """The handle of a model that is serving or loading (its calls wait for it);
         ``NAME:ADAPTER`` gives NAME's handle with that adapter."""
@@ -223,6 +241,7 @@ class Kernel:
             self.lifecycle.unload(variant, timeout)
         self._adapters.pop(name, None)
         self._batched.discard(name)
+        self.updates.forget(name)
 
     def names(self) -> list[str]:
         """Every model serving, its adapters as ``NAME:ADAPTER``."""
@@ -233,8 +252,14 @@ class Kernel:
 
     def status(self) -> list[dict[str, Any]]:
         """Every version loading, serving or draining (and a name's last failed
-        load): state, spec, backend, device, memory, counters and latencies."""
-        return self.lifecycle.status()
+        load): state, spec, backend, device, memory, counters and latencies; a
+        model's current version with an ``update`` policy also has its ``updates``."""
+        statuses = self.lifecycle.status()
+        for status in statuses:
+            history = self.updates.history(status["name"]) if status["current"] else None
+            if history is not None:
+                status["updates"] = history
+        return statuses
 
     def metrics(self) -> dict[str, Any]:
         """Kernel-wide figures: the memory budget and use, loads, swaps and
@@ -253,6 +278,7 @@ class Kernel:
             self._reaper.stop()
         if self._watchdog is not None:
             self._watchdog.stop()
+        self.updates.stop()
         self.lifecycle.close(timeout)
 
     def __enter__(self) -> Kernel:

@@ -83,7 +83,7 @@ class RequestStats:
 
 
 class LifecycleStats:
-    """Kernel-wide lifecycle counters: loads, swaps and rollbacks, evictions."""
+    """Kernel-wide lifecycle counters: loads, swaps and rollbacks, evictions, updates."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -92,6 +92,7 @@ class LifecycleStats:
         self.swaps: Counter[str] = Counter()  # by result: ok, rolled_back
         self.swap_modes: Counter[str] = Counter()  # alongside, replace
         self.evictions: Counter[str] = Counter()  # by reason: memory, expired
+        self.updates: Counter[str] = Counter()  # periodic updates by result: swapped, rejected, failed
 
     def count(self, counter: str, key: str, seconds: float | None = None) -> None:
         with self._lock:
@@ -104,6 +105,7 @@ class LifecycleStats:
             return {
                 "loads": dict(self.loads), "load_seconds_p50": percentile(list(self.load_seconds), 50),
                 "swaps": dict(self.swaps), "swap_modes": dict(self.swap_modes), "evictions": dict(self.evictions),
+                "updates": dict(self.updates),
             }
 
 

@@ -68,6 +68,72 @@ def _scalar(raw: str) -> Any:
     return raw
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class UpdateSpec(BaseModel):
+    """Periodic, gated fine-tuning of a model on new data (``llmk.update``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str = Field(min_length=1, description="a directory of JSONL files in llmk tune's format; a new or "
+                                                "changed file is new data")
+    every: str = Field("on change", description="how often to look for new data: a duration (30s, 15m, 1h, "
+                                                "1d) or 'on change' (each time the kernel polls)")
+    eval: str = Field(min_length=1, description="a text file (llmk tune's formats) the candidate must not do worse "
+                                                "on than the serving model, by more than max_regression")
+    min_improvement: float = Field(0.0, ge=0.0, lt=1.0, description="the candidate's perplexity on the new data's "
+                                   "held-out samples must be this fraction lower than the serving model's")
+    max_regression: float = Field(0.0, ge=0.0, description="the candidate's perplexity on eval may be at most "
+                                  "this fraction higher than the serving model's (0.01 = +1%)")
+    tune: dict[str, Any] = Field(default_factory=dict, description="llmk tune's options (rank, learning_rate, "
+                                                                   "max_steps, ...)")
+    threads: int = Field(1, ge=1, le=256, description="CPU threads the tuning may use")
+    nice: int = Field(10, ge=0, le=19, description="the tuning process's nice level (serving keeps priority)")
+
+    @field_validator("data", "eval")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        import os
+
+        return os.path.abspath(os.path.expanduser(path))
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, every: str) -> str:
+        cls.seconds_of(every)
+        return every
+
+    @field_validator("tune")
+    @classmethod
+    def _tune_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        from llmk.tune import TuneOptions
+
+        TuneOptions(**options)  # raises with the reason
+        return options
+
+    @staticmethod
+    def seconds_of(every: str) -> float | None:
+        """``every`` in seconds; ``None`` for 'on change'."""
+        text = every.strip().lower()
+        if text == "on change":
+            return None
+        number, unit = text[:-1], text[-1:]
+        if unit.isdigit():
+            number, unit = text, "s"
+        try:
+            seconds = float(number) * _UNITS[unit]
+        except (KeyError, ValueError):
+            raise ValueError(f"every: {every!r} is neither a duration (30s, 15m, 1h, 1d) nor 'on change'") from None
+        if seconds <= 0:
+            raise ValueError(f"every: {every!r} must be longer than 0")
+        return seconds
+
+    @property
+    def interval(self) -> float | None:
+        return self.seconds_of(self.every)
+
+
 class ModelSpec(BaseModel):
     """A model version: where it comes from and how it is served."""
 
@@ -100,6 +166,8 @@ class ModelSpec(BaseModel):
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters, each served as the model NAME:ADAPTER: adapter name -> "
                                           "a peft adapter directory (llmk tune's)")
+    update: UpdateSpec | None = Field(None, description="fine-tune on new data in the background and swap the "
+                                                        "result in when it passes a quality gate")
 
     @field_validator("adapters")
     @classmethod
@@ -115,15 +183,17 @@ class ModelSpec(BaseModel):
         return {name: os.path.abspath(os.path.expanduser(path)) for name, path in adapters.items()}
 
     def base(self) -> ModelSpec:
-        """The model itself, without its adapters (what serves under its own name)."""
-        return self.model_copy(update={"adapters": {}})
+        """The model itself, without its adapters and its update policy (what serves
+        under its own name: changing either does not reload it)."""
+        return self.model_copy(update={"adapters": {}, "update": None})
 
     def variant(self, adapter: str) -> ModelSpec:
         """What serves as ``NAME:adapter``: the adapter merged into the source first (the
         ``lora`` pass), then this spec's passes; no quality gate (an adapter is meant to
         change the model)."""
         lora = PassSpec(name="lora", options={"adapter": self.adapters[adapter]})
-        return self.model_copy(update={"adapters": {}, "passes": (lora, *self.passes), "max_ppl_increase": None})
+        return self.model_copy(update={"adapters": {}, "update": None, "passes": (lora, *self.passes),
+                                       "max_ppl_increase": None})
 
     @model_validator(mode="before")
     @classmethod

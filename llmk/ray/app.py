@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from llmk import __version__
 from llmk.config import ModelConfig
 from llmk.errors import ModelNotFoundError
-from llmk.server.admin import NewModel, check_source, check_token
+from llmk.server.admin import NewModel, check_model_paths, check_token
 from llmk.server.app import handle_errors
 from llmk.server.bodies import BodyLimit
 from llmk.server.errors import ApiError, api_error
@@ -137,9 +137,7 @@ def admin_router(ingress: Ingress) -> APIRouter:
             if body.name in config.models:
                 raise ApiError(409, f"model {body.name!r} exists; PUT /admin/models/{body.name} swaps it",
                                param="name", code="model_exists")
-            for source, param in ((body.source, "source"), (body.draft, "draft"),
-                                  *((path, "adapters") for path in body.adapters.values())):
-                check_source(source, config, param)
+            check_model_paths(body, config)
             model = ModelConfig.model_validate(body.model_dump(exclude={"name"}, exclude_unset=True))
             new = with_models(config, {**models_of(config), body.name: model.model_dump(mode="json",
                                                                                         exclude_unset=True)})
@@ -155,9 +153,7 @@ def admin_router(ingress: Ingress) -> APIRouter:
     async def swap_model(name: str, body: ModelConfig) -> dict[str, Any]:
         async with ingress.changes:
             config = await configured(name)
-            for source, param in ((body.source, "source"), (body.draft, "draft"),
-                                  *((path, "adapters") for path in body.adapters.values())):
-                check_source(source, config, param)
+            check_model_paths(body, config)
             spec = body.model_dump(mode="json", exclude_unset=True)
             new = with_models(config, {**models_of(config), name: spec})
             # The new version first loads on one replica: if it fails there, nothing changed.

@@ -60,9 +60,6 @@ def router(daemon: Daemon) -> APIRouter:
         except Exception as error:
             raise api_error(error) from None
 
-    def allowed(source: str | None, param: str = "source") -> None:
-        check_source(source, daemon.config, param)
-
     @admin.get("/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": versions()}
@@ -77,10 +74,7 @@ def router(daemon: Daemon) -> APIRouter:
         else:
             raise ApiError(409, f"model {body.name!r} exists; PUT /admin/models/{body.name} swaps it",
                            param="name", code="model_exists")
-        allowed(body.source)
-        allowed(body.draft, "draft")
-        for path in body.adapters.values():
-            allowed(path, "adapters")
+        check_model_paths(body, daemon.config)
         config = ModelConfig.model_validate(body.model_dump(exclude={"name"}))
         await run(daemon.load, body.name, config)
         return current(body.name)
@@ -89,10 +83,7 @@ def router(daemon: Daemon) -> APIRouter:
     async def swap_model(request: Request, name: str, body: ModelConfig) -> dict[str, Any]:
         await run(daemon.kernel.get, name)  # 404 for an unknown name, before any work
         note(request, model=name)
-        allowed(body.source)
-        allowed(body.draft, "draft")
-        for path in body.adapters.values():
-            allowed(path, "adapters")
+        check_model_paths(body, daemon.config)
         await run(daemon.load, name, body)
         return current(name)
 
@@ -125,6 +116,15 @@ def check_token(request: Request, token: str | None, config: Config) -> None:
                        "authentication_error", code="invalid_token", headers={"WWW-Authenticate": "Bearer"})
 
 
+def check_model_paths(model: ModelConfig, config: Config) -> None:
+    """Every local path a model spec names (source, draft, adapters, update data and
+    eval), held to ``check_source``'s rule."""
+    for source, param in ((model.source, "source"), (model.draft, "draft"),
+                          *((path, "adapters") for path in model.adapters.values()),
+                          *((path, "update") for path in _update_paths(model))):
+        check_source(source, config, param)
+
+
 def check_source(source: str | None, config: Config, param: str = "source") -> None:
     """Refuse a local path outside ``server.model_roots`` and the config file's own
     sources: the same 403 whether or not anything exists there. ``param`` names the
@@ -144,12 +144,16 @@ def check_source(source: str | None, config: Config, param: str = "source") -> N
         cache = os.path.expanduser(config.kernel.cache_dir) if config.kernel.cache_dir else default_cache_dir()
         roots.append(os.path.realpath(os.path.join(cache, "adapters")))
     named = {os.path.realpath(os.path.expanduser(s)) for m in config.models.values()
-             for s in (m.source, m.draft, *m.adapters.values()) if s is not None and _is_path(s)}
+             for s in (m.source, m.draft, *m.adapters.values(), *_update_paths(m)) if s is not None and _is_path(s)}
     if path in named or any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
         return
     raise ApiError(403, f"{param} {source!r} is not under a directory this server loads from "
                    "(server.model_roots) nor named in its config file", "permission_error",
                    param=param, code="source_not_allowed")
+
+
+def _update_paths(model: ModelConfig) -> tuple[str, ...]:
+    return () if model.update is None else (model.update.data, model.update.eval)
 
 
 def _is_path(source: str) -> bool:

@@ -178,7 +178,8 @@ class _KernelCollector:
         for key, label, doc in (("loads", "result", "Model loads by result"),
                                 ("swaps", "result", "Hot-swaps by result (ok, rolled_back)"),
                                 ("swap_modes", "mode", "Hot-swaps by mode (alongside, replace)"),
-                                ("evictions", "reason", "Evictions by reason (memory, expired)")):
+                                ("evictions", "reason", "Evictions by reason (memory, expired)"),
+                                ("updates", "result", "Periodic updates by result (swapped, rejected, failed)")):
             family = CounterMetricFamily(f"{PREFIX}_model_{key}", doc, labels=[label])
             for value, count in sorted(figures[key].items()):
                 family.add_metric([value], count)
