@@ -107,7 +107,7 @@ def test_pass_output_is_cached_and_the_input_untouched(tmp_path, tiny_llama):
         (["quantize:preset=nope"], "torch", llmk.UnknownNameError, "known: dynamic-int8-lossy, int4, int4-g64, int8"),
         (["quantize:activations=true,bits=4"], "torch", llmk.OptionsError, "needs bits=8"),
         (["quantize:activations=true"], "openvino", llmk.UnsupportedError, "not available on openvino"),
-        (["nope"], "torch", llmk.UnknownNameError, "unknown pass 'nope'; known: fuse, lora, prune, quantize"),
+        (["nope"], "torch", llmk.UnknownNameError, "unknown pass 'nope'; known: distil, fuse, lora, prune, quantize"),
     ],
 )
 def test_refusals_name_the_problem(kernel, tiny_llama, passes, backend, error, message):
