@@ -202,13 +202,13 @@ class Updater:
         with tempfile.TemporaryDirectory(prefix="llmk-update-") as work:
             job = {"cache_dir": str(self.kernel.cache.root), "source": watch.source, "data": spec.data,
                    "new": new, "eval": spec.eval, "serving_adapter": watch.adapter, "options": spec.tune,
-                   "threads": spec.threads, "result": os.path.join(work, "result.json")}
+                   "threads": spec.threads, "nice": spec.nice, "result": os.path.join(work, "result.json")}
             Path(work, "job.json").write_text(json.dumps(job))
             threads = str(spec.threads)
             env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                    "TOKENIZERS_PARALLELISM": "false"}
             run = subprocess.run([sys.executable, "-m", "llmk.update", os.path.join(work, "job.json")], env=env,
-                                 capture_output=True, text=True, preexec_fn=lambda: os.nice(spec.nice))  # noqa: PLW1509
+                                 capture_output=True, text=True)
             result = Path(job["result"])
             if not result.is_file():
                 raise UpdateError(name, f"the tuning worker exited with {run.returncode}: {run.stderr[-2000:]}")
@@ -283,6 +283,7 @@ def _lines(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m llmk.update JOB``: run ``work`` and write its result (or the error) where the job says."""
     job = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    os.nice(job["nice"])  # before anything starts a thread: each inherits it
     try:
         answer = work(job)
     except LlmkError as error:
