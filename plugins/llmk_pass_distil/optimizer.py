@@ -4,7 +4,8 @@ teacher) trains the output of the source passes before it (the student), so that
 its shapes, size and speed.
 
 - Teacher: the source model as llmk resolved it, before any pass (``artifact.tokenizer_dir``,
-  which always holds the original source's Hugging Face files, weights included).
+  which always holds the original source's Hugging Face files, weights included). After
+  ``lora`` it would train the adapter away: put distil right after the lossy passes.
 - Student: the previous pass's output, trained whole but for the embedding table; its
   shapes stay as they are (a structured prune stays smaller) and every weight that is
   exactly zero stays zero (a magnitude prune keeps its mask: it is applied again after
@@ -59,7 +60,7 @@ class DistilPass(Optimizer):
     Options = DistilOptions
     presets: ClassVar[dict[str, dict]] = {
         "quick": {"steps": 10, "samples": 16},
-        "long": {"steps": 200, "samples": 256},
+        "long": {"steps": 120, "samples": 144},
     }
 
     def apply(self, artifact: Artifact, out_dir: Path, *, backend: str, options: DistilOptions) -> None:
