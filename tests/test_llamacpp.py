@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -222,11 +223,22 @@ def test_concurrent_streams_batch_and_reuse_a_shared_prefix(smollm2):
 
     system = ("You are a helpful assistant who answers in one short sentence. " * 8).strip()
     questions = ["What is the capital of France?", "Name a fruit.", "What colour is the sky?", "What is 2 + 2?"]
-    steps_before = smollm2.version.engine.scheduler.steps
+    def ask(question):
+        return smollm2.chat([{"role": "system", "content": system}, {"role": "user", "content": question}],
+                            max_tokens=24, temperature=0)
+
+    ask("Hello.")  # caches the system prompt's blocks
+    engine = smollm2.version.engine
+    steps_before = engine.scheduler.steps
+    # The engine is held while the four queue: they are admitted together, whatever the machine's pace.
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda q: smollm2.chat([{"role": "system", "content": system},
-                                                        {"role": "user", "content": q}],
-                                                       max_tokens=24, temperature=0), questions))
+        with engine.lock:
+            futures = [pool.submit(ask, q) for q in questions]
+            deadline = time.monotonic() + 300
+            while sum(engine.backlog()[k] for k in ("queued", "running")) < 4:
+                assert time.monotonic() < deadline, engine.backlog()
+                time.sleep(0.01)
+        answers = [f.result(timeout=300) for f in futures]
     assert all(a.finish_reason in ("stop", "length") and a.token_ids for a in answers)
     assert smollm2.status()["prefix_cache_reused_tokens"] > 0
     steps = smollm2.version.engine.scheduler.steps - steps_before
