@@ -28,12 +28,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from functools import wraps
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llmk.errors import LlmkError
 
@@ -44,6 +46,18 @@ if TYPE_CHECKING:
 class KVCacheError(LlmkError):
     """The KV cache cannot do what was asked (a bug in its caller, or a request
     larger than the whole cache)."""
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _locked(method: _Method) -> _Method:
+    """Run a ``KVCacheManager`` change as one step for readers of ``stats``."""
+    @wraps(method)
+    def locked(self: KVCacheManager, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked  # type: ignore[return-value]
 
 
 def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -123,8 +137,10 @@ class KVStats:
 
 
 class KVCacheManager:
-    """Blocks, slots and the prefix cache of one loaded model. Not thread-safe:
-    the model's scheduler thread is its only user.
+    """Blocks, slots and the prefix cache of one loaded model. The model's
+    scheduler thread is its only writer; ``stats`` may be read from any thread
+    (each change and each read hold ``_lock``, so a reader never sees a sequence
+    half freed while another is admitted).
 
     ``capacity_blocks`` is how many blocks may hold data at once (the KV budget).
     A paged layout has exactly that many blocks. A contiguous layout has
@@ -155,6 +171,7 @@ class KVCacheManager:
         self._free: list[int] = [] if self.contiguous else list(range(self.num_blocks - 1, -1, -1))
         self._free_slots: dict[int, int] = {slot: 0 for slot in range(num_slots)}  # slot -> when it was freed
         self._clock = itertools.count(1)
+        self._lock = threading.Lock()
         self.used = 0  # blocks with a reference
         self.reserved = 0
         self.prompt_tokens = 0
@@ -178,10 +195,12 @@ class KVCacheManager:
         return self.blocks_for(max_length) <= self.capacity
 
     def stats(self) -> KVStats:
-        return KVStats(self.capacity, self.block_size, self.used, self.cached, self.reserved, self.prompt_tokens,
-                       self.reused_tokens)
+        with self._lock:
+                return KVStats(self.capacity, self.block_size, self.used, self.cached, self.reserved,
+                           self.prompt_tokens, self.reused_tokens)
 
     # -- a sequence's life ---------------------------------------------------------------
+    @_locked
     def admit(self, prompt: Sequence[int], max_length: int, *, slot: int | None = None,
               root: bytes = b"") -> KVAllocation | None:
         """Take a slot (``slot`` itself when given: a draft model's cache mirrors its
@@ -224,6 +243,7 @@ class KVCacheManager:
         self.reused_tokens += allocation.reused_tokens
         return allocation
 
+    @_locked
     def ensure(self, allocation: KVAllocation, length: int) -> None:
         """Give ``allocation`` blocks for positions up to ``length`` (before a step writes them)."""
         while len(allocation.blocks) * self.block_size < length:
@@ -253,6 +273,7 @@ class KVCacheManager:
                 self._hash[block] = key
                 self._by_hash.setdefault(key, {})[block] = None
 
+    @_locked
     def truncate(self, allocation: KVAllocation, length: int) -> None:
         """Keep positions below ``length`` (a rollback of tokens that were never
         final); blocks past it go back to the sequence's reservation."""
@@ -269,6 +290,7 @@ class KVCacheManager:
         allocation.reserved += len(dropped)
         self.reserved += len(dropped)
 
+    @_locked
     def free(self, allocation: KVAllocation) -> None:
         """The sequence is done: its blocks go back (hashed ones stay cached)."""
         self._drop(allocation.blocks[::-1])  # the tail is evicted first
