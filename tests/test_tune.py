@@ -171,6 +171,44 @@ def test_on_torch_two_adapters_and_none_share_one_batch_and_answer_as_alone(real
     assert not [n for n in real_kernel.names() if n.startswith("adapted")]
 
 
+def test_on_torch_a_step_of_one_adapter_runs_merged_and_matches_the_per_row_path(real_kernel, adapters):
+    """A step whose rows all use one adapter runs on merged weights; a mixed step on the
+    per-row hooks; the two agree, and the base model's own weights come back bit for bit."""
+    import numpy as np
+
+    from llmk.backend import SequenceStep
+
+    chat = real_kernel.load("merged", source="builtin:smollm2", backend="torch", adapters=adapters)
+    engine = chat.version.engine
+    runner, kv = engine.runner, engine.kv
+    quillo, pirate = engine.adapter("quillo").weights, engine.adapter("pirate").weights
+    ids = engine.prompt_ids("How do I care for the strap of my Quillo 2?")
+    with engine.lock:
+        base = runner.logits(ids)
+        before = runner.memory_bytes()
+        merged = {"quillo": runner.logits(ids, quillo), "pirate": runner.logits(ids, pirate)}
+        grown = runner.memory_bytes() - before
+        assert runner.logits(ids).tobytes() == base.tobytes()  # the layers' own weights, untouched
+        # One forward, three rows: the per-row path.
+        allocations = [kv.admit(ids, len(ids) + 1) for _ in range(3)]
+        for allocation in allocations:
+            kv.ensure(allocation, len(ids))
+        mixed = runner.forward([SequenceStep(a.slot, ids, 0, a.blocks, logits=len(ids), adapter=w)
+                                for a, w in zip(allocations, (quillo, None, pirate))])
+        for allocation in allocations:
+            kv.free(allocation)
+    rows = np.split(mixed, 3)
+    np.testing.assert_allclose(rows[0], merged["quillo"], atol=1e-3)
+    np.testing.assert_allclose(rows[2], merged["pirate"], atol=1e-3)
+    np.testing.assert_allclose(rows[1], base, atol=1e-3)
+    assert np.abs(merged["quillo"] - base).max() > 0.1  # the adapter does change the logits
+    # One buffer per adapted layer (q, k, v, o of every layer), reused by the next adapter.
+    config = chat.version.engine.runner.model.config
+    width, kv_width = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    assert grown == config.num_hidden_layers * 4 * (2 * width * width + 2 * width * kv_width)
+    real_kernel.unload("merged")
+
+
 def test_an_adapter_on_a_graph_backend_is_merged_and_answers_as_on_torch(real_kernel, adapters):
     torch_chat = real_kernel.load("adapted-torch", source="builtin:smollm2", backend="torch",
                                   adapters={"quillo": adapters["quillo"]})

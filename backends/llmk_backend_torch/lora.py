@@ -5,12 +5,21 @@ linear layer gets a forward hook that adds ``x @ A^T @ B^T * scale`` to the rows
 of the sequences using that adapter (as multi-LoRA servers do, without their
 custom kernels: one gather, two thin matmuls and one scatter per adapter in the
 step). Rows without an adapter are the model alone, bit for bit.
+
+A step whose every row uses the same adapter runs with that adapter merged into
+the layers' weights instead: the hooks' many tiny matmuls cost most at batch 1,
+where a merged layer costs nothing. One adapter is merged at a time, into
+buffers kept for it (one copy of the adapted layers' weights); the layers' own
+weights are never written, so going back to them is a pointer swap.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,6 +38,8 @@ class LoraWeights:
 
     path: str
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    #: Whether every adapted layer is a plain float matrix it can be merged into.
+    mergeable: bool = False
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.modules.values() for t in pair)
@@ -69,7 +80,9 @@ def load_lora(path: Path, model: Any, device: str, dtype: torch.dtype) -> LoraWe
                          (b.t() * scale).to(device=device, dtype=dtype).contiguous())
     if not modules:
         raise SourceError(str(path), "the adapter holds no LoRA weights")
-    return LoraWeights(str(path), modules)
+    mergeable = all(isinstance(getattr(named[name], "weight", None), torch.Tensor)
+                    and named[name].weight.dtype == dtype for name in modules)
+    return LoraWeights(str(path), modules, mergeable)
 
 
 class RowAdapters:
@@ -79,18 +92,61 @@ class RowAdapters:
         self._modules = dict(model.named_modules())
         self._hooked: set[str] = set()
         #: (adapter, token rows of the step's axis, or None for all of them), set around a forward.
-        self.active: list[tuple[LoraWeights, torch.Tensor | None]] = []
+        self._active: list[tuple[LoraWeights, torch.Tensor | None]] = []
+        self._merged: weakref.ref[LoraWeights] | None = None  # the adapter in the layers' weights now
+        self._originals: dict[str, torch.Tensor] = {}  # layer -> its own weight, while merged
+        self._buffers: dict[str, torch.Tensor] = {}  # layer -> storage for merged weights, reused
 
     def attach(self, weights: LoraWeights) -> None:
         for name in weights.modules.keys() - self._hooked:
             self._modules[name].register_forward_hook(partial(self._apply, name))
             self._hooked.add(name)
 
+    def nbytes(self) -> int:
+        """The merge buffers (the layers' own weights are the model's)."""
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+    @contextmanager
+    def applied(self, active: list[tuple[LoraWeights, torch.Tensor | None]]) -> Iterator[None]:
+        """Run the forward inside with each adapter on its rows (``None``: every row)."""
+        whole = active[0][0] if len(active) == 1 and active[0][1] is None else None
+        if whole is not None and whole.mergeable:
+            self._merge(whole)
+        else:
+            self._unmerge()
+            self._active = active
+        try:
+            yield
+        finally:
+            self._active = []
+
+    @torch.no_grad()
+    def _merge(self, weights: LoraWeights) -> None:
+        if self._merged is not None and self._merged() is weights:
+            return
+        self._unmerge()
+        for name, (a, b) in weights.modules.items():
+            layer = self._modules[name]
+            own = layer.weight.data
+            buffer = self._buffers.get(name)
+            if buffer is None:
+                buffer = self._buffers[name] = torch.empty_like(own)
+            torch.addmm(own, b.t(), a.t(), out=buffer)  # W + (B * scale) @ A
+            self._originals[name] = own
+            layer.weight.data = buffer
+        self._merged = weakref.ref(weights)
+
+    def _unmerge(self) -> None:
+        for name, own in self._originals.items():
+            self._modules[name].weight.data = own
+        self._originals.clear()
+        self._merged = None
+
     def _apply(self, name: str, module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> Any:
-        if not self.active:
+        if not self._active:
             return None
         x = inputs[0]  # [1, T, in]
-        for weights, rows in self.active:
+        for weights, rows in self._active:
             pair = weights.modules.get(name)
             if pair is None:
                 continue

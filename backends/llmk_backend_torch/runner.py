@@ -13,6 +13,7 @@ chunk in its own.
 from __future__ import annotations
 
 import weakref
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,18 +142,18 @@ class TorchRunner(Runner):
         if decode_rows:
             groups.append(self._decode_group(decode_rows, decode_index, decode_lengths))
         step_info = _Step(self._pools, torch.from_numpy(np.concatenate(slots)).to(self.device), groups)
-        if self._adapters is not None:
-            self._adapters.active = self._adapter_rows(steps, len(ids))
-        try:
+        with self._adapted(self._adapter_rows(steps, len(ids))):
             out = self._forward(input_ids=self._tensor([ids]), position_ids=self._tensor([positions]),
                                 use_cache=False, logits_to_keep=self._tensor(keep), llmk_step=step_info)
-        finally:
-            if self._adapters is not None:
-                self._adapters.active = []
         return self._logits(out.logits[0])
+
+    def _adapted(self, active: list[tuple[LoraWeights, torch.Tensor | None]]) -> AbstractContextManager[None]:
+        return nullcontext() if self._adapters is None else self._adapters.applied(active)
 
     def _adapter_rows(self, steps: list[SequenceStep], total: int) -> list[tuple[LoraWeights, torch.Tensor | None]]:
         """Each adapter of the step with the token rows that use it (``None``: every row)."""
+        if self._adapters is None:
+            return []
         rows: dict[int, tuple[LoraWeights, list[int]]] = {}
         first = 0
         for step in steps:
@@ -192,14 +193,8 @@ class TorchRunner(Runner):
     # -- scoring and embedding -------------------------------------------------------
     def logits(self, token_ids: list[int], adapter: LoraWeights | None = None) -> np.ndarray:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        if adapter is None:
+        with self._adapted([] if adapter is None else [(adapter, None)]):
             return self._logits(self._forward(input_ids=ids, use_cache=False).logits[0])
-        assert self._adapters is not None  # loaded by load_adapter
-        self._adapters.active = [(adapter, None)]
-        try:
-            return self._logits(self._forward(input_ids=ids, use_cache=False).logits[0])
-        finally:
-            self._adapters.active = []
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         out = self._forward(
@@ -210,7 +205,9 @@ class TorchRunner(Runner):
 
     def memory_bytes(self) -> int:
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors) + sum(w.nbytes() for w in self._adapter_weights)
+        adapters = 0 if self._adapters is None else self._adapters.nbytes()
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(w.nbytes() for w in self._adapter_weights) \
+            + adapters
 
     def close(self) -> None:
         self.model = None
