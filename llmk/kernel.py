@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmk.artifact import Artifact
 from llmk.backend import Backend, BackendOptions
@@ -351,8 +351,11 @@ class Kernel:
                 version.quality = self._quality_gate(version, plan.base, plan.backend, version.device,
                                                      version.dtype, plan.options)
             except QualityGateError:
-                for path in plan.built:  # never leave a refused artifact behind as a good cache entry
-                    self.cache.remove(path)
+                # A refused output this load built is not left behind to be loaded again; one that
+                # was cached already stays, as other models may serve it (another gate may pass it).
+                for output in plan.built:
+                    if output.fresh:
+                        self.cache.remove(output.path)
                 raise
 
     def _install_adapters(self, version: ModelVersion) -> None:
@@ -459,7 +462,7 @@ class Kernel:
             late = next(r.cls.name for r, _ in passes[stages.index("backend"):] if r.cls.stage == "source")
             raise UnsupportedError(f"pass {late!r} works on the source model and must come before {first_backend!r}")
         versions = backend.versions()
-        built: list[Path] = []
+        built: list[_PassOutput] = []
         if backend.artifact_format != source.format or "source" in stages:
             source = as_hf(source, self.cache)  # a GGUF, for a backend or a pass that reads safetensors
         artifact = source
@@ -486,7 +489,7 @@ class Kernel:
         return source.derive(path, backend.artifact_format, key)
 
     def _run_pass(self, registered: Registered[Optimizer], options: PassOptions, artifact: Artifact,
-                  backend: Backend, built: list[Path], key_parts: tuple[Any, ...]) -> Artifact:
+                  backend: Backend, built: list[_PassOutput], key_parts: tuple[Any, ...]) -> Artifact:
         optimizer_cls = registered.cls
         if backend.name in optimizer_cls.native:
             log.info("pass.skipped", name=optimizer_cls.name, backend=backend.name,
@@ -499,12 +502,15 @@ class Kernel:
             )
         key = key_digest(artifact.digest, optimizer_cls.name, optimizer_cls.version, options.model_dump(),
                          registered.plugin.version, *key_parts)
+        name = f"{optimizer_cls.name}-{key}"
+        entry = self.cache.entry_dir("passes", name)
+        cached = entry.is_dir() and self.cache.is_valid(entry)
         path = self.cache.build(
-            "passes", f"{optimizer_cls.name}-{key}",
+            "passes", name,
             lambda out: optimizer_cls().apply(artifact, out, backend=backend.name, options=options),
             describe=f"pass {optimizer_cls.name} on {backend.name}",
         )
-        built.append(path)
+        built.append(_PassOutput(path, fresh=not cached))
         return artifact.derive(path, artifact.format, key)
 
     def _quality_gate(self, version: ModelVersion, base: Artifact, backend: Backend, device: str, dtype: str,
@@ -535,6 +541,11 @@ class Kernel:
         return quality
 
 
+class _PassOutput(NamedTuple):
+    path: Path
+    fresh: bool  # built by this load (not found in the cache)
+
+
 @dataclass
 class _Plan:
     """What ``prepare`` resolved, for ``start`` to load."""
@@ -543,7 +554,7 @@ class _Plan:
     backend: Backend
     options: BackendOptions
     base: Artifact  # the unoptimized export, the quality gate's baseline
-    built: list[Path]  # the pass outputs built for this load
+    built: list[_PassOutput]  # the pass outputs this load runs on
     draft: Artifact | None = None  # the draft model, built for the same backend
 
 

@@ -147,6 +147,17 @@ def test_quality_gate_refuses_and_discards(tmp_path, tiny_llama):
         assert quality["increase"] < 0.5 and quality["baseline"] > 1
 
 
+def test_quality_gate_keeps_a_cached_output_that_another_model_serves(tmp_path, tiny_llama):
+    passes = ["quantize:bits=4,group_size=128"]
+    with llmk.Kernel(cache_dir=tmp_path, autoload=False) as kernel:
+        serving = kernel.load("loose", source=str(tiny_llama), backend="torch", passes=passes)
+        (entry,) = [e for e in Cache(tmp_path).entries() if e["kind"] == "passes"]
+        with pytest.raises(llmk.QualityGateError):
+            kernel.load("strict", source=str(tiny_llama), backend="torch", passes=passes, max_ppl_increase=0.0)
+        assert [e for e in Cache(tmp_path).entries() if e["kind"] == "passes"] == [entry]
+        assert serving.generate("the quick brown", max_tokens=3, temperature=0).completion_tokens == 3
+
+
 def test_quality_gate_keeps_the_old_version_serving(tmp_path, tiny_llama):
     with llmk.Kernel(cache_dir=tmp_path, autoload=False) as kernel:
         model = kernel.load("a", source=str(tiny_llama), backend="torch")
