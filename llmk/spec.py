@@ -90,6 +90,8 @@ class UpdateSpec(BaseModel):
                                                                    "max_steps, ...)")
     threads: int = Field(1, ge=1, le=256, description="CPU threads the tuning may use")
     nice: int = Field(10, ge=0, le=19, description="the tuning process's nice level (serving keeps priority)")
+    timeout: str = Field("2h", description="the longest an update's tuning and scoring may run (30s, 15m, 1h, "
+                                          "1d); past it the worker is killed and the update fails")
 
     @field_validator("data", "eval")
     @classmethod
@@ -103,6 +105,13 @@ class UpdateSpec(BaseModel):
     def _every(cls, every: str) -> str:
         cls.seconds_of(every)
         return every
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, timeout: str) -> str:
+        if cls.seconds_of(timeout) is None:
+            raise ValueError("timeout: a duration (30s, 15m, 1h, 1d), not 'on change'")
+        return timeout
 
     @field_validator("tune")
     @classmethod
@@ -132,6 +141,12 @@ class UpdateSpec(BaseModel):
     @property
     def interval(self) -> float | None:
         return self.seconds_of(self.every)
+
+    @property
+    def timeout_seconds(self) -> float:
+        seconds = self.seconds_of(self.timeout)
+        assert seconds is not None  # refused by the validator
+        return seconds
 
 
 class ModelSpec(BaseModel):

@@ -207,8 +207,11 @@ class Updater:
             threads = str(spec.threads)
             env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                    "TOKENIZERS_PARALLELISM": "false"}
-            run = subprocess.run([sys.executable, "-m", "llmk.update", os.path.join(work, "job.json")], env=env,
-                                 capture_output=True, text=True)
+            try:
+                run = subprocess.run([sys.executable, "-m", "llmk.update", os.path.join(work, "job.json")],
+                                     env=env, capture_output=True, text=True, timeout=spec.timeout_seconds)
+            except subprocess.TimeoutExpired:  # subprocess.run killed the worker
+                raise UpdateError(name, f"the tuning worker ran past timeout={spec.timeout} and was killed") from None
             result = Path(job["result"])
             if not result.is_file():
                 raise UpdateError(name, f"the tuning worker exited with {run.returncode}: {run.stderr[-2000:]}")

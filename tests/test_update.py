@@ -61,7 +61,7 @@ def test_update_specs_are_validated():
     assert UpdateSpec(data="d", eval="e").interval is None  # on change
     for bad, problem in (({"every": "soon"}, "neither a duration"), ({"every": "0s"}, "longer than 0"),
                          ({"tune": {"rnk": 4}}, "rnk"), ({"min_improvement": 1.5}, "min_improvement"),
-                         ({"nice": 40}, "nice")):
+                         ({"nice": 40}, "nice"), ({"timeout": "on change"}, "a duration")):
         with pytest.raises(OptionsError, match=problem):
             ModelSpec.build("m", source="x", update={"data": "d", "eval": "e", **bad})
 
@@ -153,3 +153,18 @@ def test_a_bad_data_file_fails_the_update_naming_its_line_and_nothing_changes(ti
         assert handle.version.number == version
         assert kernel.metrics()["updates"] == {"failed": 1}
         assert snapshot(str(data)) and kernel.update_models() == []  # not retried until the file changes
+
+
+def test_a_worker_past_its_timeout_is_killed_and_the_update_fails(tiny_llama, tmp_path):
+    # No worker gets as far as importing torch in 0.2 s: the kill is certain, however fast the machine.
+    data, evaluation = tmp_path / "data", tmp_path / "eval.jsonl"
+    data.mkdir()
+    evaluation.write_text(care_lines(4))
+    (data / "care.jsonl").write_text(care_lines(8))
+    with llmk.Kernel(cache_dir=tmp_path / "cache", autoload=False, update_poll=0) as kernel:
+        handle = kernel.load("tiny", source=str(tiny_llama), backend="torch",
+                             update={"data": str(data), "eval": str(evaluation), "timeout": "0.2s"})
+        version = handle.version.number
+        (record,) = kernel.update_models()
+        assert record.result == "failed" and "ran past timeout=0.2s and was killed" in record.reason, record
+        assert handle.version.number == version and kernel.metrics()["updates"] == {"failed": 1}
