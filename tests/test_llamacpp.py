@@ -34,6 +34,17 @@ def test_the_backend_is_a_plugin_listed_with_its_install_line():
         assert INSTALL in line
 
 
+def test_extra_buffers_are_off_by_default_only_where_the_cpu_has_amx(monkeypatch):
+    """llama.cpp's AMX kernel segfaults (ggml-org/llama.cpp#20824): auto leaves it out there."""
+    from llmk_backend_llamacpp import backend
+
+    for amx in (True, False):
+        monkeypatch.setattr(backend, "cpu_has_amx", lambda amx=amx: amx)
+        assert backend.uses_extra_buffers() is (not amx)
+        assert backend.uses_extra_buffers("on") and not backend.uses_extra_buffers("off")
+        assert backend.LlamaCppOptions().extra_buffers == "auto"
+
+
 def test_a_missing_runtime_names_the_install_line(monkeypatch, real_kernel):
     from llmk_backend_llamacpp import LlamaCppBackend
 
@@ -125,6 +136,7 @@ def test_greedy_tokens_equal_llama_cpp_python_on_the_same_file(real_kernel, runn
     """On a fresh cache, as llama-cpp-python's: a unified cache places cells where they are
     free, and sums over other cell offsets round differently (``_close``)."""
     import llama_cpp
+    from llmk_backend_llamacpp.runner import default_model_params_as_llmk
 
     from llmk.generation import Engine
     from llmk.tokenizer import Tokenizer
@@ -137,7 +149,8 @@ def test_greedy_tokens_equal_llama_cpp_python_on_the_same_file(real_kernel, runn
     engine.scheduler.close()  # the runner stays open: other tests use it
     ours = result.token_ids
     theirs = []
-    reference = llama_cpp.Llama(gguf_path, n_ctx=1024, n_threads=2, flash_attn=True, verbose=False)
+    with default_model_params_as_llmk():
+        reference = llama_cpp.Llama(gguf_path, n_ctx=1024, n_threads=2, flash_attn=True, verbose=False)
     try:
         for token in reference.generate(ids, temp=0.0, top_k=1):
             theirs.append(token)

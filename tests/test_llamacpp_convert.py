@@ -125,7 +125,9 @@ def test_rotary_scaling_converts_exactly(kernel, tiny_llama, tmp_path, rope):
     converted = kernel.load(f"{name}-llamacpp", source=str(directory), backend="llamacpp",
                             options={"kv_type": "f32", "flash_attention": False})
     reference = kernel.load(f"{name}-torch", source=str(directory), backend="torch")
-    assert_same_greedy_and_logits(converted, reference, "The cat", atol=1e-4)
+    # Scaled frequencies round differently by CPU (1.004e-4 at worst on an AMX Xeon, within
+    # 1e-4 on an EPYC); a wrong scaling moves logits by far more.
+    assert_same_greedy_and_logits(converted, reference, "The cat", atol=2e-4)
     unscaled = kernel.load("unscaled-torch", source=str(tiny_llama), backend="torch")
     ids = unscaled.version.engine.prompt_ids(TEXT[:300])
     with reference.version.engine.lock, unscaled.version.engine.lock:  # the scaling changes the logits

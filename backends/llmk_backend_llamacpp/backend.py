@@ -22,6 +22,21 @@ KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
 KV_ITEM_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Linux's /proc/cpuinfo; elsewhere, no)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_tile" in flags.split()
+
+
+def uses_extra_buffers(setting: str = "auto") -> bool:
+    """``LlamaCppOptions.extra_buffers`` resolved for this machine."""
+    return setting == "on" or (setting == "auto" and not cpu_has_amx())
+
+
 class LlamaCppOptions(BackendOptions):
     #: Threads for decoding and for prompt batches; 0: one per core.
     threads: int = 0
@@ -34,6 +49,10 @@ class LlamaCppOptions(BackendOptions):
     #: Map the weights from the file instead of reading them into memory: pages are
     #: shared with the OS cache and a load costs almost nothing.
     mmap: bool = True
+    #: llama.cpp's extra weight layouts on the CPU (AMX tiles, repacked Q4_0/IQ4_NL). ``auto``:
+    #: on, except where the CPU has AMX, whose matrix kernel crashes in this llama.cpp
+    #: (ggml-org/llama.cpp#20824: a segfault in ``ggml_backend_amx_mul_mat`` on Sapphire Rapids).
+    extra_buffers: Literal["auto", "on", "off"] = "auto"
 
 
 class LlamaCppBackend(Backend):

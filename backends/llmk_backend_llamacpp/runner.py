@@ -30,8 +30,9 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +42,7 @@ import numpy as np
 from llmk.backend import KVLayout, Runner, SequenceStep
 from llmk.errors import RuntimeFailure, SourceError, UnsupportedError
 from llmk.logs import get_logger
-from llmk_backend_llamacpp.backend import KV_ITEM_BYTES, KV_TYPES, LlamaCppOptions
+from llmk_backend_llamacpp.backend import KV_ITEM_BYTES, KV_TYPES, LlamaCppOptions, uses_extra_buffers
 
 log = get_logger("llmk.llamacpp")
 T = TypeVar("T")
@@ -71,6 +72,28 @@ def on_compute_thread(function: Callable[..., T], *args: Any) -> T:
         if _compute is None:
             _compute = ThreadPoolExecutor(1, thread_name_prefix="llmk-llamacpp")
     return _compute.submit(function, *args).result()
+
+
+@contextmanager
+def default_model_params_as_llmk() -> Iterator[None]:
+    """llama-cpp-python's ``Llama`` constructed inside loads its model as llmk does by default
+    (extra buffers off where the CPU has AMX): the peer that benchmarks and tests run on
+    the same file must not crash where llmk does not. ``Llama`` has no parameter for it."""
+    import llama_cpp.llama as high_level
+
+    module = high_level.llama_cpp
+    original = module.llama_model_default_params
+
+    def params() -> Any:
+        defaults = original()
+        defaults.use_extra_bufts = uses_extra_buffers()
+        return defaults
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original
 
 
 def init_backend() -> None:
@@ -134,7 +157,8 @@ def load_model(source: str, path: Path, device: str, options: LlamaCppOptions) -
     params = llama.llama_model_default_params()
     params.n_gpu_layers = 999 if device.startswith("cuda") else 0
     params.main_gpu = int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0
-    params.use_mmap = options.mmap
+    params.load_mode = llama.LLAMA_LOAD_MODE_MMAP if options.mmap else llama.LLAMA_LOAD_MODE_NONE
+    params.use_extra_bufts = uses_extra_buffers(options.extra_buffers)
     handle = llama.llama_model_load_from_file(str(path).encode(), params)
     if not handle:
         raise SourceError(source, f"llama.cpp cannot load {path} (an architecture it does not know, or a "

@@ -186,13 +186,16 @@ def genai_config(tokenizer_dir: Path) -> dict[str, Any]:
 #: llama-cpp-python's greedy loop (its sampler chain in C) on a GGUF and given token ids, decode
 #: only, as its users run it (2 threads, flash attention), in a process of its own: two threads
 #: calling llama.cpp's OpenMP build in one process slow each other down
-#: (``llmk_backend_llamacpp.runner.on_compute_thread``).
+#: (``llmk_backend_llamacpp.runner.on_compute_thread``). Its model loads as llmk's does
+#: (``default_model_params_as_llmk``: no AMX buffers, which crash in this llama.cpp).
 _LLAMA_CPP_PYTHON_DECODE = """
 import json, sys, time
 import llama_cpp
+from llmk_backend_llamacpp.runner import default_model_params_as_llmk
 path, ids, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llama = llama_cpp.Llama(path, n_ctx=max(2048, len(ids) + tokens), n_threads=2, n_threads_batch=2, flash_attn=True,
-                        verbose=False)
+with default_model_params_as_llmk():
+    llama = llama_cpp.Llama(path, n_ctx=max(2048, len(ids) + tokens), n_threads=2, n_threads_batch=2,
+                            flash_attn=True, verbose=False)
 produced, first = 0, time.perf_counter()
 for token in llama.generate(ids, temp=0.0, top_k=1):
     produced += 1

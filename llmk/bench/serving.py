@@ -374,10 +374,14 @@ def llama_server_command(binary: str | Path, gguf: str | Path, *, port: int, thr
     (``--kv-unified``: a slot may take all of ``--ctx-size``, so a long prompt fits
     while the short ones take little), every core for generation and prompts,
     prompt caching (on by default) with reuse of shifted chunks (``--cache-reuse``).
-    Batch sizes and flash attention stay at their defaults."""
+    Batch sizes and flash attention stay at their defaults. Where the CPU has AMX, weights
+    are not repacked (``--no-repack``), as llmk loads them: llama.cpp's AMX kernel crashes."""
+    from llmk_backend_llamacpp.backend import uses_extra_buffers
+
     return [str(binary), "--model", str(gguf), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port),
             "--threads", str(threads), "--threads-batch", str(threads), "--parallel", str(slots),
-            "--ctx-size", str(context), "--kv-unified", "--cont-batching", "--cache-reuse", "256", "--no-webui"]
+            "--ctx-size", str(context), "--kv-unified", "--cont-batching", "--cache-reuse", "256", "--no-webui",
+            *(() if uses_extra_buffers() else ("--no-repack",))]
 
 
 def llama_server_context(slots: int) -> int:

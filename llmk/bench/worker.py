@@ -112,9 +112,12 @@ class Transformers(Engine):
 class LlamaCpp(Engine):
     def load(self) -> None:
         from llama_cpp import Llama
+        from llmk_backend_llamacpp.runner import default_model_params_as_llmk
 
-        self.llm = Llama(model_path=self.job["path"], n_ctx=2048, n_threads=self.job["threads"],
-                         n_threads_batch=self.job["threads"], logits_all=bool(self.job.get("text")), verbose=False)
+        with default_model_params_as_llmk():  # no AMX buffers, which crash in this llama.cpp
+            self.llm = Llama(model_path=self.job["path"], n_ctx=2048, n_threads=self.job["threads"],
+                             n_threads_batch=self.job["threads"], logits_all=bool(self.job.get("text")),
+                             verbose=False)
 
     def unload(self) -> None:
         self.llm.close()
