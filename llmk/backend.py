@@ -202,6 +202,9 @@ class Runner(ABC):
     max_context: int = 2048
     #: The KV cache's layout; ``None`` for encoders.
     kv_layout: KVLayout | None = None
+    #: What one more token adds to a one-sequence decode step, as a share of that step
+    #: (measured per runtime): speculative decoding drafts only what pays for it.
+    draft_token_cost: float = 0.25
 
     # -- the step contract ---------------------------------------------------------
     def allocate_cache(self, num_blocks: int, num_slots: int, capacity_blocks: int | None = None) -> None:

@@ -195,7 +195,7 @@ class Engine:
 
         draft = self.draft
         if draft is None or draft.kv_layout is None or self.speculative.method != "draft":
-            return Speculator(self.speculative)
+            return Speculator(self.speculative, draft_cost=self.runner.draft_token_cost)
         layout = draft.kv_layout
         kv = KVCacheManager(layout, capacity_blocks=-(-self.kv_cache_tokens // layout.block_size) + self.max_batch_size,
                             num_slots=self.max_batch_size, max_context=min(draft.max_context, self.runner.max_context),
@@ -204,7 +204,8 @@ class Engine:
         with self.lock:
             draft.allocate_cache(kv.num_blocks, self.max_batch_size, kv.capacity)
         return Speculator(self.speculative, DraftModel(draft, kv, self.lock, vocab_size=self.tokenizer.vocab_size,
-                                                       chunk=self.prefill_chunk))
+                                                       chunk=self.prefill_chunk),
+                          draft_cost=self.runner.draft_token_cost)
 
     def _locked(self, call: Callable[[Any], None]) -> Callable[[Any], None]:
         def locked(argument: Any) -> None:

@@ -53,9 +53,13 @@ one: drafting stops while more than ``max_batch`` sequences decode (large
 batches are compute-bound; vLLM turns speculation off above a batch size too),
 a sequence's draft length grows while its drafts are kept and shrinks when they
 are not, and a sequence whose drafts are mostly rejected pauses drafting, for
-longer each time it fails again (``SequenceSpeculation``). ``SpeculationStats``
-counts drafted and accepted tokens, verification steps, and tokens per decoding
-step.
+longer each time it fails again (``SequenceSpeculation``). What a draft token
+adds to a step is the runner's ``draft_token_cost`` (a quarter of a step on
+onnxruntime int4, most of one on llama.cpp's CPU kernels), and a sequence drafts
+only as many tokens as its acceptance makes worth that cost (``best_length``).
+It is a fixed figure, not a timing: what is drafted decides how a seeded sampled
+answer draws its random numbers, so it must not depend on the machine's load. ``SpeculationStats`` counts drafted and accepted tokens,
+verification steps, and tokens per decoding step.
 """
 
 from __future__ import annotations
@@ -92,11 +96,17 @@ log = get_logger("llmk.speculative")
 DEFAULT_NUM_DRAFT = 8
 DEFAULT_NGRAM_MIN, DEFAULT_NGRAM_MAX = 3, 4
 DEFAULT_MAX_BATCH = 2
+#: What a draft token adds to a batch-1 step, as a share of it, where the runner does not
+#: say (``Runner.draft_token_cost``).
+DEFAULT_DRAFT_COST = 0.25
 #: A sequence pauses drafting after its acceptance falls below this, for 2, 4, ... steps (at most MAX_PAUSE).
 DEFAULT_MIN_ACCEPTANCE = 0.5
 MAX_PAUSE = 64
 #: Weight of the latest verification in a sequence's acceptance average.
 ACCEPTANCE_WEIGHT = 0.5
+#: Drafting must promise this many tokens per unit of step time (plain decoding: 1.0);
+#: the margin covers what the estimate leaves out (verifying k + 1 rows of logits).
+PAYS_FROM = 1.05
 
 
 class DraftModelError(OptionsError):
@@ -126,6 +136,8 @@ class SpeculativeConfig(BaseModel):
                            description="draft only while at most this many sequences decode (0: never)")
     min_acceptance: float = Field(DEFAULT_MIN_ACCEPTANCE, ge=0.0, le=1.0,
                                   description="a sequence whose drafts are accepted less often pauses drafting")
+    cost_aware: bool = Field(True, description="draft only as many tokens as a sequence's acceptance makes worth "
+                                               "what a draft token costs on this runner (measured)")
 
     @model_validator(mode="before")
     @classmethod
@@ -216,6 +228,7 @@ class SequenceSpeculation:
         self.acceptance = 1.0  # recent share of drafts kept (an exponential average)
         self.pause = 0  # decoding steps left without drafting
         self.failures = 0  # low-acceptance verifications in a row: each doubles the pause
+        self.probing = False  # the next drafts, after a pause, are sent whatever they promise
         self.drafted = self.accepted = 0
         # With a draft model:
         self.draft_kv: KVAllocation | None = None
@@ -229,19 +242,42 @@ class SequenceSpeculation:
             return False
         return True
 
+    def rest(self) -> None:
+        """Drafting does not pay at this acceptance: pause, for longer each time, then probe."""
+        self.failures += 1
+        self.pause = min(MAX_PAUSE, 2 ** self.failures)
+        self.probing = True
+
     def record(self, drafted: int, accepted: int, config: SpeculativeConfig) -> None:
         """A verification: adapt the draft length and the acceptance average, pause
-        when it is too low."""
+        when it is too low. Only drafting that was not a probe clears the failures: a
+        probe that does not make drafting pay leads to a longer pause."""
+        probe, self.probing = self.probing, False
         self.drafted += drafted
         self.accepted += accepted
         self.length = min(config.num_draft, self.length * 2) if accepted == drafted else accepted + 1
         self.acceptance += ACCEPTANCE_WEIGHT * (accepted / drafted - self.acceptance)
         if self.acceptance >= config.min_acceptance:
-            self.failures = 0
+            if not probe:
+                self.failures = 0
             return
-        self.failures += 1
-        self.pause = min(MAX_PAUSE, 2 ** self.failures)
+        self.rest()
         self.acceptance = config.min_acceptance  # after the pause, one good verification resumes for good
+
+
+def best_length(acceptance: float, cost: float, limit: int) -> int:
+    """Drafts per step that bring the most tokens per unit of step time, when each draft
+    is kept with probability ``acceptance`` (until the first that is not) and adds
+    ``cost`` of a one-token step; 0 when no length promises ``PAYS_FROM`` or more."""
+    best, best_gain = 0, PAYS_FROM
+    expected = term = 1.0  # tokens a step emits: the bonus (or the correction) always
+    for k in range(1, limit + 1):
+        term *= acceptance
+        expected += term
+        gain = expected / (1.0 + cost * k)
+        if gain > best_gain:
+            best, best_gain = k, gain
+    return best
 
 
 @dataclass
@@ -442,7 +478,8 @@ class Speculator:
     """What the scheduler asks of speculation: drafts for this step's decoding
     sequences, and what to record once they are verified."""
 
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None):
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None, *,
+                 draft_cost: float = DEFAULT_DRAFT_COST):
         if config.method == "draft" and not isinstance(proposer, DraftModel):
             raise OptionsError("speculative", "method 'draft' needs a draft model (draft: SOURCE on the model)")
         self.config = config
@@ -450,6 +487,7 @@ class Speculator:
         if self.proposer is None and config.method == "ngram" and config.enabled:
             self.proposer = NgramProposer(config)
         self.stats = SpeculationStats(method=config.method if self.proposer is not None else "off")
+        self.draft_cost = draft_cost
 
     def start(self, sequence: Sequence) -> None:
         """A sequence was admitted (its target KV allocated)."""
@@ -474,9 +512,15 @@ class Speculator:
             if state is None:
                 continue
             k = min(state.length, sequence.budget - len(sequence.output_ids) - 1)
-            if k > 0 and state.may_draft():
-                rows.append((sequence, k))
-                where.append(i)
+            if k <= 0 or not state.may_draft():
+                continue
+            if self.config.cost_aware and not state.probing:
+                k = min(k, best_length(state.acceptance, self.draft_cost, self.config.num_draft))
+                if k == 0:
+                    state.rest()
+                    continue
+            rows.append((sequence, k))
+            where.append(i)
         drafts: list[list[int]] = [[] for _ in sequences]
         if rows:
             for i, found in zip(where, self.proposer.propose(rows)):

