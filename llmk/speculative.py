@@ -58,8 +58,9 @@ adds to a step is the runner's ``draft_token_cost`` (a quarter of a step on
 onnxruntime int4, most of one on llama.cpp's CPU kernels), and a sequence drafts
 only as many tokens as its acceptance makes worth that cost (``best_length``).
 It is a fixed figure, not a timing: what is drafted decides how a seeded sampled
-answer draws its random numbers, so it must not depend on the machine's load. ``SpeculationStats`` counts drafted and accepted tokens,
-verification steps, and tokens per decoding step.
+answer draws its random numbers, so it must not depend on the machine's load.
+``SpeculationStats`` counts drafted and accepted tokens, verification steps, and
+tokens per decoding step.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class SpeculativeConfig(BaseModel):
     min_acceptance: float = Field(DEFAULT_MIN_ACCEPTANCE, ge=0.0, le=1.0,
                                   description="a sequence whose drafts are accepted less often pauses drafting")
     cost_aware: bool = Field(True, description="draft only as many tokens as a sequence's acceptance makes worth "
-                                               "what a draft token costs on this runner (measured)")
+                                               "what a draft token costs on this runner (Runner.draft_token_cost)")
 
     @model_validator(mode="before")
     @classmethod

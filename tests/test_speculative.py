@@ -22,8 +22,15 @@ import pytest
 import llmk
 from llmk.backend import KVLayout, Runner, SequenceStep
 from llmk.generation import Engine
-from llmk.speculative import (DraftModelError, NgramIndex, SequenceSpeculation, SpeculativeConfig, Speculator,
-                              best_length, verify)
+from llmk.speculative import (
+    DraftModelError,
+    NgramIndex,
+    SequenceSpeculation,
+    SpeculativeConfig,
+    Speculator,
+    best_length,
+    verify,
+)
 from llmk.testing import build_tiny_tokenizer, load_fake, tiny_corpus
 from llmk.tokenizer import Tokenizer
 

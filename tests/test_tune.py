@@ -204,7 +204,8 @@ def test_on_torch_a_step_of_one_adapter_runs_merged_and_matches_the_per_row_path
     assert np.abs(merged["quillo"] - base).max() > 0.1  # the adapter does change the logits
     # One buffer per adapted layer (q, k, v, o of every layer), reused by the next adapter.
     config = chat.version.engine.runner.model.config
-    width, kv_width = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    width = config.hidden_size
+    kv_width = config.num_key_value_heads * (width // config.num_attention_heads)
     assert grown == config.num_hidden_layers * 4 * (2 * width * width + 2 * width * kv_width)
     real_kernel.unload("merged")
 
