@@ -9,8 +9,9 @@ step). Rows without an adapter are the model alone, bit for bit.
 A step whose every row uses the same adapter runs with that adapter merged into
 the layers' weights instead: the hooks' many tiny matmuls cost most at batch 1,
 where a merged layer costs nothing. One adapter is merged at a time, into
-buffers kept for it (one copy of the adapted layers' weights); the layers' own
-weights are never written, so going back to them is a pointer swap.
+buffers allocated when the first adapter loads (one copy of the adapted layers'
+weights); the layers' own weights are never written, so going back to them is a
+pointer swap.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class RowAdapters:
         for name in weights.modules.keys() - self._hooked:
             self._modules[name].register_forward_hook(partial(self._apply, name))
             self._hooked.add(name)
+        if weights.mergeable:  # allocated now, so that the model's memory is known at load
+            for name in weights.modules.keys() - self._buffers.keys():
+                self._buffers[name] = torch.empty_like(self._modules[name].weight.data)
 
     def nbytes(self) -> int:
         """The merge buffers (the layers' own weights are the model's)."""
@@ -127,10 +131,7 @@ class RowAdapters:
         self._unmerge()
         for name, (a, b) in weights.modules.items():
             layer = self._modules[name]
-            own = layer.weight.data
-            buffer = self._buffers.get(name)
-            if buffer is None:
-                buffer = self._buffers[name] = torch.empty_like(own)
+            own, buffer = layer.weight.data, self._buffers[name]
             torch.addmm(own, b.t(), a.t(), out=buffer)  # W + (B * scale) @ A
             self._originals[name] = own
             layer.weight.data = buffer
