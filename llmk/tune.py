@@ -198,8 +198,10 @@ def train(base: Artifact, data: Path, options: TuneOptions, out: Path, *, device
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llmk.sources import load_hf_model
+
     tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).to(device)
+    model = load_hf_model(AutoModelForCausalLM, base.path, dtype=torch.float32).to(device)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     max_length = min(options.max_length or context, context)
     samples = read_samples(data, tokenizer, max_length)

@@ -245,6 +245,7 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmk.kernel import Kernel
+    from llmk.sources import load_hf_model
     from llmk.tune import TuneOptions, perplexity, read_samples, split
 
     torch.set_num_threads(job["threads"])
@@ -252,7 +253,7 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
         options = TuneOptions(**job["options"])
         base = kernel.hf_source(job["source"])
         tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = load_hf_model(AutoModelForCausalLM, base, dtype=torch.float32)
         max_length = options.max_length or int(getattr(model.config, "max_position_embeddings", 2048))
         files = sorted(Path(job["data"]).glob(DATA_GLOB))
         for file in files:  # a bad line is named in its own file, not in the joined one

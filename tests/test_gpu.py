@@ -63,6 +63,39 @@ def test_auto_prefers_cuda(kernel, tiny_llama):
     assert model.status()["device"].startswith("cuda")
 
 
+def adapters_on(kernel, tiny_llama, tmp_path, device: str) -> None:
+    """LoRA tuned on ``device``, served on it per request: one batch with two adapters and
+    none gives each answer as alone, alone (merged) as on the CPU's per-row path."""
+    data = tmp_path / "notes.txt"
+    data.write_text(" ".join(f"note {i}: the quick brown fox jumps over the lazy dog." for i in range(60)))
+    options = {"max_length": 32, "epochs": 2, "learning_rate": 0.01, "seed": 1}
+    first = kernel.tune(str(tiny_llama), data, device=device, **options)
+    assert first.perplexity_after < first.perplexity_before
+    data.write_text(" ".join(f"entry {i}: a slow green turtle walks under the busy bridge." for i in range(60)))
+    second = kernel.tune(str(tiny_llama), data, device=device, **options)
+    adapters = {"fox": str(first.adapter), "turtle": str(second.adapter)}
+    served = kernel.load(f"adapted-{device}", source=str(tiny_llama), backend="torch", device=device,
+                         dtype="fp32", adapters=adapters)
+    cpu = kernel.load("adapted-cpu-reference", source=str(tiny_llama), backend="torch", device="cpu",
+                      adapters=adapters)
+    names = [None, "fox", "turtle"]
+    alone = {n: served.generate(PROMPTS[1], max_tokens=12, temperature=0, adapter=n).token_ids for n in names}
+    assert len({tuple(t) for t in alone.values()}) == 3  # each adapter changes the answer
+    assert alone == {n: cpu.generate(PROMPTS[1], max_tokens=12, temperature=0, adapter=n).token_ids for n in names}
+    engine = served.version.engine
+    with engine.lock:  # the three queue while the engine is held, then share its steps
+        requests = {n: engine.submit(engine.prompt_ids(PROMPTS[1]), llmk.SamplingParams(max_tokens=12, temperature=0),
+                                     adapter=n) for n in names}
+    together = {n: [t for chunk in request for t in chunk.token_ids] for n, request in requests.items()}
+    assert together == alone
+    assert max(rows for rows, _ in engine.scheduler.recent_steps) == 3
+
+
+@needs_cuda
+def test_adapters_tune_and_serve_on_cuda(kernel, tiny_llama, tmp_path):
+    adapters_on(kernel, tiny_llama, tmp_path, "cuda")
+
+
 @needs_ort_cuda
 def test_onnxruntime_cuda_keeps_the_cache_on_the_device(kernel, tiny_llama):
     # GroupQueryAttention has no fp32 CUDA kernel: the CUDA graph is fp16, compared by score.

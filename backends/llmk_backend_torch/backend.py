@@ -76,6 +76,7 @@ class TorchBackend(Backend):
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
 
+        from llmk.sources import load_hf_model
         from llmk_backend_torch.checkpoint import is_custom, load_custom
         from llmk_backend_torch.runner import ATTENTION, TorchRunner, register_attention
 
@@ -91,7 +92,7 @@ class TorchBackend(Backend):
             if is_custom(artifact.path):
                 model = load_custom(artifact.path, auto, torch_dtype, attention)
             else:
-                model = auto.from_pretrained(str(artifact.path), dtype=torch_dtype, attn_implementation=attention)
+                model = load_hf_model(auto, artifact.path, dtype=torch_dtype, attn_implementation=attention)
         except (OSError, ValueError, RuntimeError) as error:
             raise SourceError(artifact.source, f"cannot load weights from {artifact.path}: {error}") from error
         model.to(device).eval()

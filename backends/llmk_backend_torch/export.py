@@ -80,8 +80,10 @@ def load_for_export(path: Path, task: str, dtype: str) -> torch.nn.Module:
     """The model at ``path``, in ``dtype``, wrapped for graph capture."""
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from llmk.sources import load_hf_model
+
     auto = AutoModelForCausalLM if task == "generate" else AutoModel
-    model = auto.from_pretrained(str(path), dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation="sdpa")
+    model = load_hf_model(auto, path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation="sdpa")
     model.eval()
     return DecoderWithPast(model) if task == "generate" else Encoder(model)
 

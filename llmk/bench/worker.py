@@ -86,10 +86,12 @@ class Transformers(Engine):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from llmk.sources import load_hf_model
+
         torch.set_num_threads(self.job["threads"])
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(self.job["path"])
-        self.model = AutoModelForCausalLM.from_pretrained(self.job["path"], dtype=torch.float32).eval()
+        self.model = load_hf_model(AutoModelForCausalLM, self.job["path"], dtype=torch.float32).eval()
 
     def unload(self) -> None:
         del self.model

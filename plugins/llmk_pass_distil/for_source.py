@@ -29,6 +29,8 @@ def distil(artifact: Artifact, out_dir: Path, options: DistilOptions) -> None:
     from llmk_backend_torch.checkpoint import read_state, write_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llmk.sources import load_hf_model
+
     teacher_dir = _teacher_dir(artifact)
     config = json.loads((artifact.path / "config.json").read_text())
     if any(key.startswith("llmk_") for key in config):
@@ -36,8 +38,8 @@ def distil(artifact: Artifact, out_dir: Path, options: DistilOptions) -> None:
                                "distil works on plain Hugging Face weights, before quantize and fuse")
     started = time.perf_counter()
     torch.manual_seed(options.seed)
-    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_pretrained(str(artifact.path), dtype=torch.float32)
+    teacher = load_hf_model(AutoModelForCausalLM, teacher_dir, dtype=torch.float32).eval()
+    student = load_hf_model(AutoModelForCausalLM, artifact.path, dtype=torch.float32)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise UnsupportedError(f"distil: the student's vocabulary ({student.config.vocab_size}) is not the "
                                f"teacher's ({teacher.config.vocab_size}) in {teacher_dir}")

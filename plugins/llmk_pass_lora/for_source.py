@@ -14,9 +14,11 @@ def merge(artifact: Artifact, adapter: Path, out_dir: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from llmk.sources import load_hf_model
+
     if not (adapter / "adapter_config.json").is_file():
         raise SourceError(str(adapter), "not a LoRA adapter directory (no adapter_config.json)")
-    model = AutoModelForCausalLM.from_pretrained(artifact.path, dtype=torch.float32)
+    model = load_hf_model(AutoModelForCausalLM, artifact.path, dtype=torch.float32)
     try:
         adapted = PeftModel.from_pretrained(model, adapter)
     except (ValueError, RuntimeError, KeyError) as error:  # another model's adapter: shapes or modules differ

@@ -68,7 +68,9 @@ def _mean_mlp_activations(artifact: Artifact, prefixes: list[str]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(artifact.path), dtype=torch.float32).eval()
+    from llmk.sources import load_hf_model
+
+    model = load_hf_model(AutoModelForCausalLM, artifact.path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(artifact.tokenizer_dir))
     ids = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt").input_ids[:, :1024]
     found: dict = {}
