@@ -209,6 +209,13 @@ def test_on_torch_a_step_of_one_adapter_runs_merged_and_matches_the_per_row_path
     model_bytes = sum(t.numel() * t.element_size() for t in (*runner.model.parameters(), *runner.model.buffers()))
     buffers = before - model_bytes - quillo.nbytes() - pirate.nbytes()
     assert buffers == config.num_hidden_layers * 4 * (2 * width * width + 2 * width * kv_width)
+    # Without adapters, the buffers go (at the next step) and the base answers as it did.
+    real_kernel.load("merged", source="builtin:smollm2", backend="torch", adapters={})
+    del quillo, pirate
+    assert chat.generate("How do I care", max_tokens=1, temperature=0).completion_tokens == 1
+    assert runner.memory_bytes() == model_bytes
+    with engine.lock:
+        assert runner.logits(ids).tobytes() == base.tobytes()
     real_kernel.unload("merged")
 
 

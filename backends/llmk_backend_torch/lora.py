@@ -10,8 +10,8 @@ A step whose every row uses the same adapter runs with that adapter merged into
 the layers' weights instead: the hooks' many tiny matmuls cost most at batch 1,
 where a merged layer costs nothing. One adapter is merged at a time, into
 buffers allocated when the first adapter loads (one copy of the adapted layers'
-weights); the layers' own weights are never written, so going back to them is a
-pointer swap.
+weights) and freed when the last is dropped; the layers' own weights are never
+written, so going back to them is a pointer swap.
 """
 
 from __future__ import annotations
@@ -109,6 +109,11 @@ class RowAdapters:
     def nbytes(self) -> int:
         """The merge buffers (the layers' own weights are the model's)."""
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+    def release(self) -> None:
+        """No adapter is served any more: the layers' own weights back, the buffers freed."""
+        self._unmerge()
+        self._buffers.clear()
 
     @contextmanager
     def applied(self, active: list[tuple[LoraWeights, torch.Tensor | None]]) -> Iterator[None]:

@@ -148,7 +148,11 @@ class TorchRunner(Runner):
         return self._logits(out.logits[0])
 
     def _adapted(self, active: list[tuple[LoraWeights, torch.Tensor | None]]) -> AbstractContextManager[None]:
-        return nullcontext() if self._adapters is None else self._adapters.applied(active)
+        if self._adapters is None:
+            return nullcontext()
+        if not self._adapter_weights:  # every adapter was dropped (and no request still runs one)
+            self._adapters.release()
+        return self._adapters.applied(active)
 
     def _adapter_rows(self, steps: list[SequenceStep], total: int) -> list[tuple[LoraWeights, torch.Tensor | None]]:
         """Each adapter of the step with the token rows that use it (``None``: every row)."""
