@@ -202,8 +202,10 @@ class Runner(ABC):
     max_context: int = 2048
     #: The KV cache's layout; ``None`` for encoders.
     kv_layout: KVLayout | None = None
-    #: What one more token adds to a one-sequence decode step, as a share of that step
-    #: (measured per runtime): speculative decoding drafts only what pays for it.
+    #: What one more token adds to a one-sequence decode step, as a share of that step:
+    #: speculative decoding drafts only what pays for it. The default is an upper bound of
+    #: what ``bench/draft_cost.py`` measured on SmolLM2 on the CPU (onnxruntime int4 0.22-0.26,
+    #: openvino int4 <= 0.13, torch fp32 <= 0.07); a runtime far from it says so (llamacpp: 0.45).
     draft_token_cost: float = 0.25
 
     # -- the step contract ---------------------------------------------------------

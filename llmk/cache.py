@@ -116,12 +116,18 @@ class Cache:
 
     def build(self, kind: str, name: str, builder: Callable[[Path], Any], *, describe: str = "") -> Path:
         """Return the valid entry ``kind/name``, building it with ``builder(tmp_dir)`` if needed."""
+        return self.get_or_build(kind, name, builder, describe=describe)[0]
+
+    def get_or_build(self, kind: str, name: str, builder: Callable[[Path], Any], *,
+                     describe: str = "") -> tuple[Path, bool]:
+        """``build``, and whether this call built the entry (``False``: it was there, or
+        another process built it meanwhile)."""
         final = self.entry_dir(kind, name)
         problem = None
         if final.is_dir():
             problem = self.verify(final)
             if problem is None:
-                return final
+                return final, False
         started = time.perf_counter()
         tmp = final.parent / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}-pid{os.getpid()}"
         lock: int | None = None
@@ -130,7 +136,7 @@ class Cache:
             self._sweep_dir(final.parent, f"{TMP_PREFIX}{name}-")  # a killed build of this very entry
             if problem is not None:
                 if self.verify(final) is None:  # another process rebuilt it meanwhile
-                    return final
+                    return final, False
                 self._discard(final)
             tmp.mkdir()
             lock = _lock(tmp, block=True)
@@ -139,9 +145,11 @@ class Cache:
             _write_manifest(tmp)
             try:
                 os.rename(tmp, final)
+                built = True
             except OSError:
                 if self.verify(final) is not None:  # another process won the race with a bad entry
                     raise
+                built = False
         except BaseException as error:
             shutil.rmtree(tmp, ignore_errors=True)
             _unlock(lock)
@@ -161,7 +169,7 @@ class Cache:
             log.warning("cache.corrupt_rebuilt", artifact=f"{kind}/{name}", what=describe, path=str(final),
                         file=str(final / problem.file), reason=problem.reason, seconds=seconds)
         log.info("cache.build_finished", kind=kind, entry=name, seconds=seconds)
-        return final
+        return final, built
 
     @staticmethod
     def verify(path: Path, *, full: bool | None = None) -> Problem | None:

@@ -502,15 +502,12 @@ class Kernel:
             )
         key = key_digest(artifact.digest, optimizer_cls.name, optimizer_cls.version, options.model_dump(),
                          registered.plugin.version, *key_parts)
-        name = f"{optimizer_cls.name}-{key}"
-        entry = self.cache.entry_dir("passes", name)
-        cached = entry.is_dir() and self.cache.is_valid(entry)
-        path = self.cache.build(
-            "passes", name,
+        path, fresh = self.cache.get_or_build(
+            "passes", f"{optimizer_cls.name}-{key}",
             lambda out: optimizer_cls().apply(artifact, out, backend=backend.name, options=options),
             describe=f"pass {optimizer_cls.name} on {backend.name}",
         )
-        built.append(_PassOutput(path, fresh=not cached))
+        built.append(_PassOutput(path, fresh))
         return artifact.derive(path, artifact.format, key)
 
     def _quality_gate(self, version: ModelVersion, base: Artifact, backend: Backend, device: str, dtype: str,

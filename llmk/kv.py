@@ -196,7 +196,7 @@ class KVCacheManager:
 
     def stats(self) -> KVStats:
         with self._lock:
-                return KVStats(self.capacity, self.block_size, self.used, self.cached, self.reserved,
+            return KVStats(self.capacity, self.block_size, self.used, self.cached, self.reserved,
                            self.prompt_tokens, self.reused_tokens)
 
     # -- a sequence's life ---------------------------------------------------------------

@@ -109,7 +109,7 @@ class UpdateSpec(BaseModel):
     @field_validator("timeout")
     @classmethod
     def _timeout(cls, timeout: str) -> str:
-        if cls.seconds_of(timeout) is None:
+        if cls.seconds_of(timeout, "timeout") is None:
             raise ValueError("timeout: a duration (30s, 15m, 1h, 1d), not 'on change'")
         return timeout
 
@@ -122,8 +122,8 @@ class UpdateSpec(BaseModel):
         return options
 
     @staticmethod
-    def seconds_of(every: str) -> float | None:
-        """``every`` in seconds; ``None`` for 'on change'."""
+    def seconds_of(every: str, field: str = "every") -> float | None:
+        """``every`` in seconds; ``None`` for 'on change'. Errors name ``field``."""
         text = every.strip().lower()
         if text == "on change":
             return None
@@ -133,9 +133,9 @@ class UpdateSpec(BaseModel):
         try:
             seconds = float(number) * _UNITS[unit]
         except (KeyError, ValueError):
-            raise ValueError(f"every: {every!r} is neither a duration (30s, 15m, 1h, 1d) nor 'on change'") from None
+            raise ValueError(f"{field}: {every!r} is neither a duration (30s, 15m, 1h, 1d) nor 'on change'") from None
         if seconds <= 0:
-            raise ValueError(f"every: {every!r} must be longer than 0")
+            raise ValueError(f"{field}: {every!r} must be longer than 0")
         return seconds
 
     @property

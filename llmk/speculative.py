@@ -55,7 +55,7 @@ a sequence's draft length grows while its drafts are kept and shrinks when they
 are not, and a sequence whose drafts are mostly rejected pauses drafting, for
 longer each time it fails again (``SequenceSpeculation``). What a draft token
 adds to a step is the runner's ``draft_token_cost`` (a quarter of a step on
-onnxruntime int4, most of one on llama.cpp's CPU kernels), and a sequence drafts
+onnxruntime int4, nearly half of one on llama.cpp's CPU kernels), and a sequence drafts
 only as many tokens as its acceptance makes worth that cost (``best_length``).
 It is a fixed figure, not a timing: what is drafted decides how a seeded sampled
 answer draws its random numbers, so it must not depend on the machine's load.
@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llmk.backend import SequenceStep
+from llmk.backend import Runner, SequenceStep
 from llmk.errors import OptionsError
 from llmk.logs import get_logger
 
@@ -97,9 +97,6 @@ log = get_logger("llmk.speculative")
 DEFAULT_NUM_DRAFT = 8
 DEFAULT_NGRAM_MIN, DEFAULT_NGRAM_MAX = 3, 4
 DEFAULT_MAX_BATCH = 2
-#: What a draft token adds to a batch-1 step, as a share of it, where the runner does not
-#: say (``Runner.draft_token_cost``).
-DEFAULT_DRAFT_COST = 0.25
 #: A sequence pauses drafting after its acceptance falls below this, for 2, 4, ... steps (at most MAX_PAUSE).
 DEFAULT_MIN_ACCEPTANCE = 0.5
 MAX_PAUSE = 64
@@ -480,7 +477,7 @@ class Speculator:
     sequences, and what to record once they are verified."""
 
     def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None, *,
-                 draft_cost: float = DEFAULT_DRAFT_COST):
+                 draft_cost: float = Runner.draft_token_cost):
         if config.method == "draft" and not isinstance(proposer, DraftModel):
             raise OptionsError("speculative", "method 'draft' needs a draft model (draft: SOURCE on the model)")
         self.config = config

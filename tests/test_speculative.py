@@ -144,7 +144,7 @@ def test_a_sequence_drafts_longer_while_its_drafts_are_kept_and_pauses_when_they
 def test_drafts_are_as_long_as_their_acceptance_pays_for_on_the_runner():
     # Cheap drafts (a quarter of a step): worth it even at half acceptance.
     assert best_length(1.0, 0.25, 8) == 8 and best_length(0.5, 0.25, 8) == 1
-    # llama.cpp on the CPU (0.6 of a step each): long drafts only while nearly all are kept.
+    # Dear drafts (0.6 of a step each): long drafts only while nearly all are kept.
     assert best_length(1.0, 0.6, 8) == 8 and best_length(0.875, 0.6, 8) == 2 and best_length(0.5, 0.6, 8) == 0
     assert best_length(0.0, 0.0, 8) == 0  # a draft that is never kept never pays
 

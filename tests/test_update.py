@@ -61,7 +61,8 @@ def test_update_specs_are_validated():
     assert UpdateSpec(data="d", eval="e").interval is None  # on change
     for bad, problem in (({"every": "soon"}, "neither a duration"), ({"every": "0s"}, "longer than 0"),
                          ({"tune": {"rnk": 4}}, "rnk"), ({"min_improvement": 1.5}, "min_improvement"),
-                         ({"nice": 40}, "nice"), ({"timeout": "on change"}, "a duration")):
+                         ({"nice": 40}, "nice"), ({"timeout": "on change"}, "a duration"),
+                         ({"timeout": "soon"}, "timeout: 'soon' is neither")):
         with pytest.raises(OptionsError, match=problem):
             ModelSpec.build("m", source="x", update={"data": "d", "eval": "e", **bad})
 

@@ -50,6 +50,10 @@ T = TypeVar("T")
 BLOCK_SIZE = 16
 #: Tokens per ``llama_decode`` call; a bigger step is split (prompt chunks rarely exceed it).
 BATCH_TOKENS = 2048
+#: What a drafted token adds to a batch-1 decode step on the CPU, as a share of it:
+#: 0.35-0.50 in ``python bench/draft_cost.py --backend llamacpp`` (SmolLM2 Q4_1, 2 cores;
+#: docs/BENCHMARKS.md), against 0.03-0.25 on the other backends.
+CPU_DRAFT_TOKEN_COST = 0.45
 #: Tokens per micro-batch: llama.cpp's default, its matrix kernels' sweet spot on the CPU.
 UBATCH_TOKENS = 512
 
@@ -194,11 +198,11 @@ class LlamaCppRunner(Runner):
     """A GGUF decoder on one llama.cpp context; see the module docstring."""
 
     task = "generate"
-    # On the CPU a step of k + 1 tokens costs ~1 + 0.6k one-token steps (SmolLM2 Q4_1, 2 cores).
-    draft_token_cost = 0.6
 
     def __init__(self, model: Model, path: Path, device: str, options: LlamaCppOptions):
         self.model, self.device = model, device
+        if device == "cpu":
+            self.draft_token_cost = CPU_DRAFT_TOKEN_COST
         self.max_context = model.max_context
         self.vocab = model.vocab
         item = KV_ITEM_BYTES[options.kv_type]
