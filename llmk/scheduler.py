@@ -313,7 +313,7 @@ class Scheduler:
                         self._wake.wait()
                     if self._closed:
                         break
-                    self._admit()
+                self._admit()
                 self._step()
                 self.progress_at = time.monotonic()
         except BaseException as error:  # a bug: nobody may be left waiting for this thread
@@ -329,22 +329,34 @@ class Scheduler:
         self._running = []
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch while there is a slot and KV room."""
-        while self._waiting and len(self._running) < self.max_batch_size:
-            request = self._waiting[0]
-            if self._expired(request):
-                self._waiting.popleft()
-                continue
+        """Move waiting requests into the batch while there is a slot and KV room.
+        The queue's lock is not held while the KV cache admits: reusing a prefix may
+        copy blocks, a runner call, and a submitter must never wait on the runner."""
+        while len(self._running) < self.max_batch_size:
+            with self._wake:
+                if not self._waiting:
+                    return
+                request = self._waiting[0]
+                if self._expired(request):
+                    self._waiting.popleft()
+                    continue
             sequence = request.sequence
             allocation = self.kv.admit(sequence.prompt_ids, sequence.max_length,
                                        root=b"" if sequence.adapter is None else sequence.adapter.root)
             if allocation is None:
                 return  # first come, first served: it waits for room, and so does everyone behind it
-            self._waiting.popleft()
-            sequence.kv, sequence.computed = allocation, allocation.reused_tokens
+            with self._wake:
+                # Only this thread takes from the head; the watchdog may have emptied the queue meanwhile.
+                still_waiting = bool(self._waiting) and self._waiting[0] is request
+                if still_waiting:
+                    self._waiting.popleft()
+                    sequence.kv, sequence.computed = allocation, allocation.reused_tokens
+                    request.admitted = time.perf_counter()
+                    self._running.append(request)
+            if not still_waiting:
+                self.kv.free(allocation)
+                continue
             self.speculator.start(sequence)
-            request.admitted = time.perf_counter()
-            self._running.append(request)
 
     def _step(self) -> None:
         for request in [r for r in self._running if self._expired(r)]:

@@ -226,6 +226,40 @@ def test_a_prefix_cached_in_another_slot_is_copied(kernel):
     assert engine.cache_stats()["prefix_cache_reused_tokens"] >= 2 * (len(ids_of(handle, LONG)) // 4 * 4 - 4)
 
 
+def test_a_submitter_never_waits_on_a_prefix_copy(kernel, monkeypatch):
+    # A copy is a runner call; while the engine makes one, requests still queue (an
+    # event loop that submits must not stall on the runner).
+    handle = load_fake(kernel, "m", options={"contiguous": True, "memory_span": 10_000, "delay": 0.002},
+                       max_batch_size=2, kv_cache=4096)
+    engine = handle.version.engine
+    handle.generate(LONG + " one", max_tokens=2, temperature=0)
+    busy = engine.submit(ids_of(handle, LONG + " two"), llmk.SamplingParams(max_tokens=1000, temperature=0))
+    next(iter(busy))  # it holds the slot with the prefix: the next one copies it
+    copying, go_on = threading.Event(), threading.Event()
+    copy_blocks = engine.runner.copy_blocks
+
+    def held_copy(pairs):
+        copying.set()
+        go_on.wait(60)
+        copy_blocks(pairs)
+
+    monkeypatch.setattr(engine.runner, "copy_blocks", held_copy)
+    third = engine.submit(ids_of(handle, LONG + " three"), llmk.SamplingParams(max_tokens=4, temperature=0))
+    assert copying.wait(60)
+    queued = []
+    submitter = threading.Thread(target=lambda: queued.append(
+        engine.submit(ids_of(handle, "Hello"), llmk.SamplingParams(max_tokens=4, temperature=0))))
+    submitter.start()
+    submitter.join(30)
+    backlog = engine.backlog()
+    go_on.set()
+    assert queued, "submit waited for the engine's copy"
+    assert (backlog["queued"], backlog["running"]) == (2, 1)  # the one being admitted still counts as queued
+    busy.cancel()
+    assert [t for c in third for t in c.token_ids] == expected(handle, LONG + " three", 4)
+    assert [t for c in queued[0] for t in c.token_ids] == expected(handle, "Hello", 4)
+
+
 def test_prefix_caching_can_be_turned_off(kernel):
     handle = load_fake(kernel, "m", prefix_caching=False)
     handle.generate(LONG, max_tokens=2)
