@@ -111,7 +111,8 @@ def _heal_mlps(teacher: Any, student: Any, texts: list[list[int]], options: Dist
     ``mlp_steps`` Adam steps of ``mlp_batch`` tokens), and the pass goes on with it
     healed. A step costs one MLP, not the model, so each token is seen many times, and
     each layer learns on the inputs its healed predecessors give it. Where a prune took
-    channels away, the kept ones learn to do their work."""
+    channels away, the kept ones learn to do their work. The pass holds one layer's
+    activations for all the data at a time (about 1 GB for SmolLM2's 26k default tokens)."""
     import torch
 
     layers = _mlp_pairs(teacher, student)
