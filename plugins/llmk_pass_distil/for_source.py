@@ -129,6 +129,9 @@ def _heal_mlps(teacher: Any, student: Any, texts: list[list[int]], options: Dist
 
     def heal(teacher_mlp: Any) -> Any:
         def hook(module: Any, inputs: tuple) -> None:
+            if inputs[0].shape[:-1] != valid.shape:
+                raise UnsupportedError(f"distil: this model's MLPs take inputs of shape {tuple(inputs[0].shape)}, not "
+                                       f"(batch, tokens, hidden); run it with mlp_steps=0 (the end-to-end stage only)")
             x = inputs[0][valid]
             errors.append(_fit_mlp(module, x, teacher_mlp(x), options, generator))
             bar.set_postfix(mse=f"{errors[-1][0]:.3f}->{errors[-1][1]:.3f}")

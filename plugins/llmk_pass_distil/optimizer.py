@@ -36,9 +36,6 @@ from pydantic import Field
 from llmk.artifact import Artifact
 from llmk.optimizer import Optimizer, PassOptions
 
-#: Tokens per layer-wise step.
-MLP_BATCH = 1024
-
 
 class DistilOptions(PassOptions):
     #: End-to-end (KL) optimizer steps. The defaults, both stages, take about 11 min on 2 CPU
@@ -61,7 +58,7 @@ class DistilOptions(PassOptions):
     #: tokens per step (drawn from every window of the data).
     mlp_steps: int = Field(300, ge=0, le=100_000)
     mlp_lr: float = Field(1e-3, gt=0, le=1e-1)
-    mlp_batch: int = Field(MLP_BATCH, ge=1, le=65_536)
+    mlp_batch: int = Field(1024, ge=1, le=65_536)
     seed: int = 0
 
 
