@@ -99,6 +99,10 @@ DEFAULT_NGRAM_MIN, DEFAULT_NGRAM_MAX = 3, 4
 DEFAULT_MAX_BATCH = 2
 #: A sequence pauses drafting after its acceptance falls below this, for 2, 4, ... steps (at most MAX_PAUSE).
 DEFAULT_MIN_ACCEPTANCE = 0.5
+#: The acceptance a fresh sequence expects before its first verification: it sizes the first
+#: drafts where they cost (one token at llama.cpp's 0.45 of a step, two at 0.25). Expecting
+#: every draft kept sent four on a chat prompt's first stray match, a loss of 4-9% there.
+DEFAULT_INITIAL_ACCEPTANCE = 0.7
 MAX_PAUSE = 64
 #: Weight of the latest verification in a sequence's acceptance average.
 ACCEPTANCE_WEIGHT = 0.5
@@ -134,6 +138,9 @@ class SpeculativeConfig(BaseModel):
                            description="draft only while at most this many sequences decode (0: never)")
     min_acceptance: float = Field(DEFAULT_MIN_ACCEPTANCE, ge=0.0, le=1.0,
                                   description="a sequence whose drafts are accepted less often pauses drafting")
+    initial_acceptance: float = Field(DEFAULT_INITIAL_ACCEPTANCE, ge=0.0, le=1.0,
+                                      description="the acceptance a sequence expects before its first "
+                                                  "verification (sizes its first drafts where cost_aware)")
     cost_aware: bool = Field(True, description="draft only as many tokens as a sequence's acceptance makes worth "
                                                "what a draft token costs on this runner (Runner.draft_token_cost)")
 
@@ -220,10 +227,10 @@ class SequenceSpeculation:
     copied passage is drafted in long runs, a stray match costs little.
     """
 
-    def __init__(self, num_draft: int = DEFAULT_NUM_DRAFT) -> None:
+    def __init__(self, num_draft: int = DEFAULT_NUM_DRAFT, acceptance: float = 1.0) -> None:
         self.index: NgramIndex | None = None
         self.length = max(1, num_draft // 2)  # drafts to ask for next
-        self.acceptance = 1.0  # recent share of drafts kept (an exponential average)
+        self.acceptance = acceptance  # recent share of drafts kept (an exponential average)
         self.pause = 0  # decoding steps left without drafting
         self.failures = 0  # low-acceptance verifications in a row: each doubles the pause
         self.probing = False  # the next drafts, after a pause, are sent whatever they promise
@@ -491,7 +498,7 @@ class Speculator:
         """A sequence was admitted (its target KV allocated)."""
         if self.proposer is None:
             return
-        sequence.speculation = SequenceSpeculation(self.config.num_draft)
+        sequence.speculation = SequenceSpeculation(self.config.num_draft, self.config.initial_acceptance)
         self.proposer.start(sequence)
 
     def end(self, sequence: Sequence) -> None:

@@ -159,10 +159,14 @@ def test_a_sequence_rests_where_drafting_does_not_pay_then_probes():
         budget, output_ids = 100, []
 
     sequence = Sequence()
-    speculator = Speculator(SpeculativeConfig(num_draft=8, min_acceptance=0.0), Drafts(), draft_cost=0.6)
+    cautious = Speculator(SpeculativeConfig(num_draft=8, min_acceptance=0.0), Drafts(), draft_cost=0.6)
+    cautious.start(sequence)
+    assert cautious.propose([sequence]) == [[1]]  # a fresh sequence expects 0.7 kept: one draft pays at 0.6
+    config = SpeculativeConfig(num_draft=8, min_acceptance=0.0, initial_acceptance=1.0)
+    speculator = Speculator(config, Drafts(), draft_cost=0.6)
     speculator.start(sequence)
     state = sequence.speculation
-    assert speculator.propose([sequence]) == [[1] * 4]  # a fresh sequence: its first length, in full
+    assert speculator.propose([sequence]) == [[1] * 4]  # expecting every draft kept: its first length, in full
     state.record(4, 1, speculator.config)  # acceptance 1.0 -> 0.625: no length pays at 0.6 a draft
     assert speculator.propose([sequence]) == [[]] and state.pause == 2
     assert [speculator.propose([sequence]) for _ in range(2)] == [[[]], [[]]]
