@@ -5,11 +5,13 @@ load figure: aggregate tokens/s and TTFT by concurrent clients). Each server run
 alone (started, measured, stopped: Ray's processes would otherwise take CPU from
 the other server), the servers taking turns, ``runs`` times. ``--haproxy`` adds Ray
 Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``, an experimental Ray
-feature) in place of its Python proxy. The figures at more clients are one replica's
-capacity, what docs/SCALING.md projects from.
+feature) in place of its Python proxy. ``--interval MS`` (repeatable) runs a Ray server
+per ``ray.stream_interval_ms`` (default: the config's default alone). The figures at
+more clients are one replica's capacity, what docs/SCALING.md projects from.
 
     python bench/ray.py [--backend onnxruntime] [--pass quantize:bits=4] [--clients 1,8,16]
-                        [--replicas 1] [--runs 3] [--rounds 2] [--tokens 64] [--haproxy] [--json FILE]
+                        [--replicas 1] [--runs 3] [--rounds 2] [--tokens 64] [--haproxy]
+                        [--interval MS ...] [--json FILE]
 
 Prints a markdown table: medians (min–max) of the runs, and each Ray path's ratio to plain.
 """
@@ -34,6 +36,8 @@ def main() -> int:
     parser.add_argument("--clients", default="1,8,16")
     parser.add_argument("--haproxy", action="store_true", help="also Ray Serve with its HAProxy ingress")
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--interval", type=float, action="append", default=[],
+                        help="ray.stream_interval_ms of a Ray server, repeatable (default: the config's default)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
@@ -44,8 +48,9 @@ def main() -> int:
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
     model = serving.llmk_model(args.model, args.backend, passes, max(clients))
     ray = {"num_replicas": args.replicas, "ray_actor_options": {"num_cpus": 0}}
-    servers = [serving.llmk_plan(sys.executable, model, args.cache_dir),
-               serving.llmk_plan(sys.executable, model, args.cache_dir, ray)]
+    rays = [{**ray, "stream_interval_ms": ms} for ms in args.interval] or [ray]
+    servers = [serving.llmk_plan(sys.executable, model, args.cache_dir)]
+    servers += [serving.llmk_plan(sys.executable, model, args.cache_dir, r) for r in rays]
     if args.haproxy:
         servers.append(serving.llmk_plan(sys.executable, model, args.cache_dir, ray,
                                          {"RAY_SERVE_ENABLE_HA_PROXY": "1"}))
@@ -61,7 +66,8 @@ def main() -> int:
     print(f"Command: `{command}`\n")
     host = machine()
     print(f"Machine: {host.get('cpu')}, {host.get('cores')} cores; {args.runs} runs interleaved\n")
-    names = ["llmk serve", "llmk serve --ray"] + (["--ray, HAProxy"] if args.haproxy else [])
+    names = ["llmk serve"] + ([f"--ray, {ms:g} ms" for ms in args.interval] or ["llmk serve --ray"])
+    names += ["--ray, HAProxy"] if args.haproxy else []
     print("| clients | figure | " + " | ".join(names) + " | " + " | ".join(f"{n} / plain" for n in names[1:]) + " |")
     print("|---" * (2 + 2 * len(names) - 1) + "|")
     for count in clients:

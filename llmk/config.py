@@ -195,6 +195,10 @@ class RayConfig(_Section):
     app_name: str = Field("llmk", min_length=1)
     #: Times a request whose replica died is tried again on another one.
     max_retries: int = Field(3, ge=0)
+    #: A stream's chunks leave its replica at most this often (the first at once): the tokens
+    #: generated meanwhile travel together through the ingress and Ray's proxy, each hop
+    #: costing CPU per chunk. 0 sends every chunk as it comes. Ray Serve LLM's default is 50.
+    stream_interval_ms: float = Field(50.0, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _one_way(self) -> RayConfig:

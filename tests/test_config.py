@@ -53,6 +53,7 @@ models:
         ("ray: {autoscaling: {min_replicas: 3, max_replicas: 2}}", r"ray.autoscaling: .*min_replicas \(3\) is more"),
         ("ray: {ray_actor_options: {memory: lots}}", "ray.ray_actor_options.memory: .*'lots' is not a size"),
         ("ray: {max_models_per_replica: 0}", "ray.max_models_per_replica: Input should be greater"),
+        ("ray: {stream_interval_ms: -5}", "ray.stream_interval_ms: Input should be greater"),
         ("ray: {replicas: 2}", "ray.replicas: Extra inputs"),
         ("models: {'chat:x': {source: builtin:smollm2}}", "model name 'chat:x' must be .*':' \\(NAME:ADAPTER"),
         ("models: {chat: {source: builtin:smollm2, adapters: {'a/b': x}}}", "models.chat.adapters: .*adapter name"),

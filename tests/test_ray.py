@@ -39,6 +39,66 @@ RAY = str(Path(sys.executable).parent / "ray")
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+def relayed(interval: float, script) -> list[bytes]:  # noqa: ANN001 - an async app script
+    """The body chunks ``call_asgi`` yields for an ASGI app that sends what ``script``
+    says: ``script(send_body, received, yielded)`` where ``received(n)`` waits until the
+    relay has yielded ``n`` body chunks and ``yielded()`` counts them."""
+    import asyncio
+
+    from llmk.ray.replica import call_asgi
+
+    async def main() -> list[bytes]:
+        chunks: list[bytes] = []
+        grew = asyncio.Condition()
+
+        async def received(count: int) -> None:
+            async with grew:
+                await grew.wait_for(lambda: len(chunks) >= count)
+
+        async def app(scope, receive, send):  # noqa: ANN001, ANN202 - the ASGI signature
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+
+            async def body(data: bytes, more: bool = True) -> None:
+                await send({"type": "http.response.body", "body": data, "more_body": more})
+            await script(body, received, lambda: len(chunks))
+
+        request = {"method": "POST", "path": "/", "query_string": "", "headers": [], "body": b""}
+        async for part in call_asgi(app, request, interval=interval):
+            if isinstance(part, bytes):
+                async with grew:
+                    chunks.append(part)
+                    grew.notify_all()
+        return chunks
+
+    return asyncio.run(asyncio.wait_for(main(), 60))  # a relay that waits for its interval here is a failure
+
+
+def test_a_replica_streams_the_first_token_at_once_then_gathers_chunks_per_interval():
+    import asyncio
+
+    async def stream(body, received, yielded):  # noqa: ANN001, ANN202
+        await body(b"role ")
+        await received(1)  # the relay sent it without its interval (an hour): no wait
+        await body(b"t1 ")
+        await received(2)  # the first token too
+        for token in (b"t2 ", b"t3 ", b"t4 "):
+            await body(token)
+            for _ in range(20):  # time for the relay to run: it holds the tokens for the interval
+                await asyncio.sleep(0)
+            assert yielded() == 2
+        await body(b"", more=False)  # the end goes at once, with what waited for the interval
+
+    assert relayed(3600.0, stream) == [b"role ", b"t1 ", b"t2 t3 t4 "]
+
+    async def paced(body, received, yielded):  # noqa: ANN001, ANN202
+        for count, token in enumerate((b"role ", b"t1 ", b"t2 ", b"t3 "), start=1):
+            await body(token)
+            await received(count)  # each one sent as it came: no interval
+        await body(b"", more=False)
+
+    assert relayed(0.0, paced) == [b"role ", b"t1 ", b"t2 ", b"t3 "]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -115,6 +175,15 @@ def holders(process: ServeProcess, model: str) -> dict[str, int]:
     """The replicas whose current version of ``model`` serves: replica id -> pid."""
     data = admin(process, "GET", "/admin/models").json()["data"]
     return {v["replica"]: v["pid"] for v in data if v["name"] == model and v["current"] and v["state"] == "ready"}
+
+
+def busy_holder(process: ServeProcess, model: str) -> tuple[str, int] | None:
+    """The replica (id, pid) with the most requests of ``model`` in its engine, if any has one."""
+    data = admin(process, "GET", "/admin/models").json()["data"]
+    load = [(v.get("running", 0) + v.get("queued", 0), v["replica"], v["pid"]) for v in data
+            if v["name"] == model and v["current"] and v["state"] == "ready"]
+    count, replica, pid = max(load, default=(0, "", 0))
+    return (replica, pid) if count > 0 else None
 
 
 def counter(process: ServeProcess, sample: str) -> float:
@@ -194,11 +263,10 @@ def test_metrics_hold_every_replica_labelled(fleet):
 
 
 def test_a_killed_replica_loses_no_request(fleet):
-    """100 requests, 8 at a time; one replica holding their model is killed with SIGKILL
-    once 10 have finished: every request still succeeds (retried on the other replica)."""
+    """100 requests, 8 at a time; once 10 have finished, a replica with some of them in its
+    engine is killed with SIGKILL: every request still succeeds (retried on the other replica)."""
     process, _ = fleet
     assert ask(process, "slow").status_code == 200
-    replica, victim = next(iter(holders(process, "slow").items()))
     retried = counter(process, 'llmk_ray_failovers_total{outcome="retried"}')
     done = threading.Semaphore(0)
 
@@ -211,6 +279,11 @@ def test_a_killed_replica_loses_no_request(fleet):
         results = pool.map(one, range(100))
         for _ in range(10):
             done.acquire()
+        # Ray routes by what its controller last heard of each replica's models: kill one
+        # that has requests of the model in its engine now (the first holder may have none).
+        while (busy := busy_holder(process, "slow")) is None:
+            assert done.acquire(timeout=60), "no replica holds a request of the model any more"
+        replica, victim = busy
         os.kill(victim, signal.SIGKILL)
         statuses = list(results)
     assert statuses == [200] * 100

@@ -28,6 +28,9 @@ from typing import Any
 from llmk.logs import get_logger
 
 log = get_logger("llmk.ray")
+NOTHING = object()  # ``call_asgi``: no message from the app in time
+#: ``call_asgi``: body chunks sent without waiting for the stream interval (chat: role, first token).
+EAGER_CHUNKS = 2
 
 
 class Resident:
@@ -136,7 +139,8 @@ class Replica:
                 yield {"status": response.status_code, "headers": list(response.headers.items())}
                 yield bytes(response.body)
                 return
-        async for part in call_asgi(self.daemon.app, request):
+        interval = self.daemon.config.ray.stream_interval_ms / 1000
+        async for part in call_asgi(self.daemon.app, request, interval=interval):
             yield part
 
     def check_health(self) -> None:
@@ -234,10 +238,14 @@ def replica_class(max_models: int) -> type[Replica]:
     return LlmkReplica
 
 
-async def call_asgi(app: Any, request: dict[str, Any]) -> AsyncIterator[Any]:
+async def call_asgi(app: Any, request: dict[str, Any], *, interval: float = 0.0) -> AsyncIterator[Any]:
     """Run ``request`` (``method``, ``path``, ``query_string``, ``headers``, ``body``,
-    ``client``) through the ASGI ``app``: yield the response's head, then its body;
-    body chunks waiting together go as one (fewer hops per token under load). Closing
+    ``client``) through the ASGI ``app``: yield the response's head, then its body.
+    The first two body chunks go at once (a chat stream's role, then its first token:
+    the time to the first token is not delayed); each later one waits until ``interval``
+    seconds have passed since the one before, gathering what the app sends meanwhile (a
+    stream's tokens cross the replica, the ingress and Ray's proxy in fewer hops; Ray
+    Serve LLM batches its streams the same way), and the end goes at once. Closing
     the generator (the client went away) tells the app the client disconnected."""
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": request["method"], "scheme": "http", "path": request["path"],
@@ -259,8 +267,23 @@ async def call_asgi(app: Any, request: dict[str, Any]) -> AsyncIterator[Any]:
     async def send(message: dict[str, Any]) -> None:
         await messages.put(message)
 
-    task = asyncio.get_running_loop().create_task(app(scope, receive, send))
+    async def following(deadline: float | None) -> Any:
+        """The app's next message if one waits or comes before ``deadline`` (``None``: only
+        one already waiting), else ``NOTHING``; ``None`` is the app's end."""
+        if not messages.empty():
+            return messages.get_nowait()
+        if deadline is None:
+            return NOTHING
+        try:
+            return await asyncio.wait_for(messages.get(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            return NOTHING
+
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(app(scope, receive, send))
     task.add_done_callback(lambda _: messages.put_nowait(None))
+    sent: float | None = None  # when the last body chunk went
+    eager = EAGER_CHUNKS  # body chunks still to send at once
     try:
         while True:
             message = await messages.get()
@@ -272,16 +295,22 @@ async def call_asgi(app: Any, request: dict[str, Any]) -> AsyncIterator[Any]:
                        "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]}
                 continue
             chunks, more = [message.get("body", b"")], message.get("more_body", False)
-            while more and not messages.empty():
-                following = messages.get_nowait()
-                if following is None or following["type"] != "http.response.body":
-                    messages.put_nowait(following)  # type: ignore[arg-type]
+            deadline = sent + interval if interval > 0 and sent is not None and not eager else None
+            while more:
+                if deadline is not None and loop.time() >= deadline:
+                    deadline = None  # the interval is over: what is waiting now, and go
+                nxt = await following(deadline)
+                if nxt is NOTHING:
                     break
-                chunks.append(following.get("body", b""))
-                more = following.get("more_body", False)
+                if nxt is None or nxt["type"] != "http.response.body":
+                    messages.put_nowait(nxt)  # the app's end (or not body): the next round sees it
+                    break
+                chunks.append(nxt.get("body", b""))
+                more = nxt.get("more_body", False)
             data = b"".join(chunks)
             if data:
                 yield data
+                sent, eager = loop.time(), max(0, eager - 1)
             if not more:
                 return
     finally:
