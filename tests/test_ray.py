@@ -171,12 +171,6 @@ def wait_members(process: ServeProcess, count: int, timeout: float = 300, withou
         time.sleep(0.5)
 
 
-def holders(process: ServeProcess, model: str) -> dict[str, int]:
-    """The replicas whose current version of ``model`` serves: replica id -> pid."""
-    data = admin(process, "GET", "/admin/models").json()["data"]
-    return {v["replica"]: v["pid"] for v in data if v["name"] == model and v["current"] and v["state"] == "ready"}
-
-
 def busy_holder(process: ServeProcess, model: str) -> tuple[str, int] | None:
     """The replica (id, pid) with the most requests of ``model`` in its engine, if any has one."""
     data = admin(process, "GET", "/admin/models").json()["data"]
