@@ -152,6 +152,11 @@ class KVLayout:
     block_size: int = 16
     #: Each sequence lives in one slot of consecutive blocks (see above).
     contiguous: bool = False
+    #: Positions the prefix cache keeps once no running sequence uses them (``None``: as
+    #: many as the KV budget holds). A runtime whose every step reads every cell in use
+    #: (llama.cpp's unified cache: attention spans the cells up to the highest one used)
+    #: pays for idle cache on every step, and bounds it.
+    max_cached_tokens: int | None = None
 
     def blocks_per_slot(self, max_context: int) -> int:
         return -(-max_context // self.block_size)

@@ -163,6 +163,8 @@ class KVCacheManager:
         self.per_slot = layout.blocks_per_slot(max_context) if self.contiguous else 0
         self.num_blocks = num_slots * self.per_slot if self.contiguous else capacity_blocks
         self.capacity = min(capacity_blocks, self.num_blocks)
+        self.max_cached = (self.blocks_for(layout.max_cached_tokens) if layout.max_cached_tokens is not None
+                           else self.capacity)
         self._copy, self._release = copy, release
         self._refs = [0] * self.num_blocks
         self._hash: list[bytes | None] = [None] * self.num_blocks
@@ -321,6 +323,8 @@ class KVCacheManager:
                 self._free.append(block)
         if emptied:
             self._release_now(emptied)
+        if len(self._evictable) > self.max_cached:  # the runner bounds its idle cache
+            self._evict(len(self._evictable) - self.max_cached)
 
     def _block_for(self, slot: int, index: int) -> int:
         """A block for position block ``index`` of the sequence in ``slot``."""

@@ -16,7 +16,8 @@ from llmk.kv import KVCacheError, KVCacheManager
 BLOCK = 4
 
 
-def manager(contiguous: bool = False, capacity: int = 16, slots: int = 4, context: int = 32, **kwargs):
+def manager(contiguous: bool = False, capacity: int = 16, slots: int = 4, context: int = 32,
+            max_cached_tokens: int | None = None, **kwargs):
     """A manager with a simulated runner: ``contents[block]`` is what the block holds."""
     contents: dict[int, tuple[int, ...]] = {}
 
@@ -28,7 +29,8 @@ def manager(contiguous: bool = False, capacity: int = 16, slots: int = 4, contex
         for block in blocks:
             contents.pop(block, None)
 
-    kv = KVCacheManager(KVLayout(bytes_per_token=1, block_size=BLOCK, contiguous=contiguous),
+    layout = KVLayout(bytes_per_token=1, block_size=BLOCK, contiguous=contiguous, max_cached_tokens=max_cached_tokens)
+    kv = KVCacheManager(layout,
                         capacity_blocks=capacity, num_slots=slots, max_context=context, copy=copy, release=release,
                         **kwargs)
     return kv, contents
@@ -149,6 +151,25 @@ def test_cached_blocks_are_evicted_least_recently_used_first_and_only_when_neede
     kv.free(hit)
     miss = kv.admit(old + [5], 12)
     assert miss.reused_tokens == 4  # the old one lost its second (tail) block first
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_a_runner_that_bounds_its_idle_cache_keeps_only_the_most_recent_blocks(contiguous):
+    kv, contents = manager(contiguous, capacity=16, slots=2, max_cached_tokens=2 * BLOCK)
+    prompts = [[1] * 8, [2] * 8, [3] * 8]  # 2 full blocks each, then the token that is not cached
+    for prompt in prompts:
+        allocation = kv.admit(prompt + [0], 12)
+        write(kv, contents, allocation, prompt + [0], 0, 9)
+        kv.commit(allocation, prompt + [0], 9)
+        kv.free(allocation)
+        assert kv.cached <= 2  # room for 12 cached blocks, but the runner keeps 2
+    if contiguous:  # the others were released to the runner (its cells freed), not just forgotten
+        assert len(contents) == 2
+    newest = kv.admit(prompts[2] + [5], 12)
+    assert newest.reused_tokens == 8
+    check_prefix(contents, newest, prompts[2] + [5])
+    kv.free(newest)
+    assert kv.admit(prompts[0] + [5], 12).reused_tokens == 0
 
 
 def test_truncate_returns_blocks_but_never_cuts_final_tokens():
