@@ -10,7 +10,9 @@ writes the blocks a step names. The design is vLLM's (``KVCacheManager``,
   no sequence holds it, but it still holds a full block of some earlier
   sequence's tokens and can be found by the hash of those tokens and every
   token before them. Cached blocks are evicted least recently used first, and
-  only when a block is needed: the prefix cache lives inside the KV budget.
+  only when a block is needed: the prefix cache lives inside the KV budget. A
+  runner may bound them further (``KVLayout.max_cached_tokens``: llama.cpp's
+  steps slow down with every cell in use, cached or not).
 - Admission reserves what a sequence may grow to (its prompt plus
   ``max_tokens``), so a running sequence never runs out of cache and nothing is
   preempted: a request that does not fit waits in the queue for room.
