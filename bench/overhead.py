@@ -82,8 +82,10 @@ def row(kernel, backend: str, args: argparse.Namespace) -> str:  # noqa: ANN001 
         from llmk.sources import as_hf
 
         ways["runtime"] = hf_generate(as_hf(model.version.plan.source, kernel.cache).path, args.tokens)
-    elif backend == "llamacpp" and not args.passes:
-        ways["runtime"] = llama_cpp_generate(model.version.artifact.path, ids, args.tokens)
+    elif backend == "llamacpp":
+        from llmk.bench.peers import served_gguf
+
+        ways["runtime"] = llama_cpp_generate(served_gguf(model.version.artifact.path), ids, args.tokens)
     figures = {name: Figure() for name in ways}
     for way in ways.values():  # warm-up
         way()

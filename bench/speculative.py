@@ -99,11 +99,12 @@ def main() -> int:
     parser.add_argument("--kinds", default="rewrite,summarise,extract,chat", help="which prompts to run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--llama-cpp-python", action="store_true",
-                        help="also run llama-cpp-python on the model's GGUF file (a GGUF source only)")
+                        help="also run llama-cpp-python on the GGUF llamacpp runs (a pass's output too) "
+                             "or, on other backends, the GGUF source")
     args = parser.parse_args()
 
     import llmk
-    from llmk.bench.peers import llama_cpp_python_decode_rate
+    from llmk.bench.peers import llama_cpp_python_decode_rate, served_gguf
 
     settings = {"off": {"method": "off"}}
     for text in args.speculative or ["default"]:
@@ -128,7 +129,10 @@ def main() -> int:
                                        passes=args.passes, max_batch_size=args.streams, prefix_caching=False,
                                        speculative=section, draft=draft)
         first = next(iter(models.values()))
-        gguf = first.version.plan.source.path if args.llama_cpp_python else None
+        gguf = None
+        if args.llama_cpp_python:  # the file llamacpp runs (a pass's output too), else the source
+            served = served_gguf(first.version.artifact.path) if args.backend == "llamacpp" else None
+            gguf = served or first.version.plan.source.path
         if gguf is not None and gguf.suffix != ".gguf":
             raise SystemExit(f"--llama-cpp-python needs a GGUF source; {args.model} is not one")
         for _ in range(args.runs):
