@@ -8,6 +8,9 @@ torch, llama-cpp-python's ``Llama.generate`` (2 threads, flash attention, in a p
 its own) for llamacpp.
 
     python bench/overhead.py [--backend B]... [--pass P]... [--runs 5] [--tokens 64]
+                             [--speculative initial_acceptance=1.0,...]
+
+``--speculative`` sets the "llmk" row's ``speculative:`` section (default: the spec's).
 
 Decode tokens/s, median (min–max), the three interleaved; prints a markdown table.
 Across processes (``llmk bench``) this machine varies by up to ±15% from run to
@@ -30,12 +33,14 @@ def main() -> int:
     parser.add_argument("--pass", dest="passes", action="append", default=[])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--speculative", default="", help="KEY=VALUE,... for the llmk row's speculative section")
     args = parser.parse_args()
 
     import llmk
 
     flags = [f"--backend {b}" for b in args.backends] + [f"--pass {p}" for p in args.passes]
     flags += [f"--runs {args.runs}", f"--tokens {args.tokens}"]
+    flags += [f"--speculative {args.speculative}"] if args.speculative else []
     print(f"Command: `python bench/overhead.py {' '.join(flags)}`\n", flush=True)
     print("| backend | passes | llmk generate | llmk, no speculation | bare runner loop | runtime's own generate "
           "| llmk overhead | llmk / runtime's own |")
@@ -47,7 +52,8 @@ def main() -> int:
 
 
 def row(kernel, backend: str, args: argparse.Namespace) -> str:  # noqa: ANN001 - llmk.Kernel
-    model = kernel.load("m", source=args.model, backend=backend, passes=args.passes)
+    section = dict(item.split("=", 1) for item in args.speculative.split(",")) if args.speculative else {}
+    model = kernel.load("m", source=args.model, backend=backend, passes=args.passes, speculative=section)
     plain = kernel.load("plain", source=args.model, backend=backend, passes=args.passes, speculative="off")
     runner = plain.version.engine.runner
     ids = model.version.engine.prompt_ids(PROMPT)

@@ -227,7 +227,7 @@ class SequenceSpeculation:
     copied passage is drafted in long runs, a stray match costs little.
     """
 
-    def __init__(self, num_draft: int = DEFAULT_NUM_DRAFT, acceptance: float = 1.0) -> None:
+    def __init__(self, num_draft: int = DEFAULT_NUM_DRAFT, acceptance: float = DEFAULT_INITIAL_ACCEPTANCE) -> None:
         self.index: NgramIndex | None = None
         self.length = max(1, num_draft // 2)  # drafts to ask for next
         self.acceptance = acceptance  # recent share of drafts kept (an exponential average)

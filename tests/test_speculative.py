@@ -124,7 +124,7 @@ def test_the_ngram_index_finds_the_latest_longest_match():
 
 def test_a_sequence_drafts_longer_while_its_drafts_are_kept_and_pauses_when_they_fail():
     config = SpeculativeConfig(num_draft=8, min_acceptance=0.3)
-    state = SequenceSpeculation(config.num_draft)
+    state = SequenceSpeculation(config.num_draft, acceptance=1.0)
     lengths = []
     for drafted, accepted in ((4, 4), (8, 8), (8, 2), (3, 0)):
         state.record(drafted, accepted, config)

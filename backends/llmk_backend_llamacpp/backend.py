@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from pydantic import Field
+
 from llmk.artifact import Artifact
 from llmk.backend import Backend, BackendOptions, Runner
 from llmk.cache import Cache
@@ -53,6 +55,11 @@ class LlamaCppOptions(BackendOptions):
     #: on, except where the CPU has AMX, whose matrix kernel crashes in this llama.cpp
     #: (ggml-org/llama.cpp#20824: a segfault in ``ggml_backend_amx_mul_mat`` on Sapphire Rapids).
     extra_buffers: Literal["auto", "on", "off"] = "auto"
+    #: Prefix-cache positions kept once their sequences ended (``null``: as many as the KV budget
+    #: holds). Every step's attention spans the unified cache's cells up to the highest one in
+    #: use, cached or not, so idle cache slows every step (docs/BENCHMARKS.md, bench/idle_cache.py);
+    #: the default keeps about one long prompt. Raise it for longer shared prompts.
+    max_cached_tokens: int | None = Field(4096, ge=0)
 
 
 class LlamaCppBackend(Backend):

@@ -56,11 +56,6 @@ BATCH_TOKENS = 2048
 CPU_DRAFT_TOKEN_COST = 0.45
 #: Tokens per micro-batch: llama.cpp's default, its matrix kernels' sweet spot on the CPU.
 UBATCH_TOKENS = 512
-#: Prefix-cache positions kept once their sequences ended. Every step's attention spans the
-#: unified cache's cells up to the highest one in use, cached or not: after a serving run
-#: left 10,600 cached positions, a 1,500-token prompt took 5.65 s to prefill against 4.4 s
-#: in a clean cache (4.5 s once they were evicted). About one long prompt's worth is kept.
-MAX_CACHED_TOKENS = 4096
 
 _init_lock = threading.Lock()
 _initialized = False
@@ -212,7 +207,7 @@ class LlamaCppRunner(Runner):
         self.vocab = model.vocab
         item = KV_ITEM_BYTES[options.kv_type]
         self.kv_layout = KVLayout(bytes_per_token=int(2 * model.n_layer * model.n_head_kv * model.head_dim * item),
-                                  block_size=BLOCK_SIZE, contiguous=True, max_cached_tokens=MAX_CACHED_TOKENS)
+                                  block_size=BLOCK_SIZE, contiguous=True, max_cached_tokens=options.max_cached_tokens)
         self._weights = path.stat().st_size
         self._context: ctypes.c_void_p | None = None
         self._memory: ctypes.c_void_p | None = None
