@@ -127,6 +127,17 @@ def test_the_gguf_file_is_the_artifact(smollm2, gguf_path):
     weights = status["memory_estimate_bytes"] - status["kv_capacity_tokens"] * layout.bytes_per_token
     assert weights == int(artifact.path.stat().st_size * 1.2)
     assert layout.bytes_per_token == 30 * 2 * 3 * 64 * 2  # SmolLM2: layers, k and v, kv heads, head dim, f16
+    assert layout.max_cached_tokens == 4096  # idle prefix cache is bounded by default (options.max_cached_tokens)
+
+
+@needs_runtime
+def test_the_idle_cache_bound_is_an_option_and_is_validated():
+    from llmk_backend_llamacpp.backend import LlamaCppOptions
+    from pydantic import ValidationError
+
+    assert LlamaCppOptions(max_cached_tokens=None).max_cached_tokens is None  # no bound
+    with pytest.raises(ValidationError, match="max_cached_tokens"):
+        LlamaCppOptions(max_cached_tokens=-1)
 
 
 @pytest.mark.smollm2
