@@ -122,10 +122,17 @@ def test_the_gguf_file_is_the_artifact(smollm2, gguf_path):
     assert smollm2.status()["backend"] == "llamacpp"
     artifact = smollm2.version.artifact
     assert (str(artifact.path), artifact.format) == (gguf_path, "gguf")  # no conversion, no copy
-    status, layout = smollm2.status(), smollm2.version.engine.runner.kv_layout
-    # The budget: the file's weights, and the KV cache in llama.cpp's own f16, not the fp32 of the dtype.
-    weights = status["memory_estimate_bytes"] - status["kv_capacity_tokens"] * layout.bytes_per_token
-    assert weights == int(artifact.path.stat().st_size * 1.2)
+    from llmk_backend_llamacpp.backend import LOAD_OVERHEAD_BYTES, UBATCH_TOKENS
+
+    runner = smollm2.version.engine.runner
+    status, layout = smollm2.status(), runner.kv_layout
+    # llama.cpp's cells: the engine's budget and a micro-batch more, all written at creation.
+    assert runner.kv_cells == status["kv_capacity_tokens"] + UBATCH_TOKENS
+    # The budget: the mapped file, the load's fixed overhead, the micro-batch of cells beyond
+    # the engine's, and the KV cache in llama.cpp's own f16, not the fp32 of the dtype.
+    model = artifact.path.stat().st_size + LOAD_OVERHEAD_BYTES + UBATCH_TOKENS * layout.bytes_per_token
+    assert status["memory_estimate_bytes"] - status["kv_capacity_tokens"] * layout.bytes_per_token == model
+    assert status["memory_bytes"] - status["kv_capacity_tokens"] * layout.bytes_per_token == model
     assert layout.bytes_per_token == 30 * 2 * 3 * 64 * 2  # SmolLM2: layers, k and v, kv heads, head dim, f16
     assert layout.max_cached_tokens == 4096  # idle prefix cache is bounded by default (options.max_cached_tokens)
 

@@ -22,6 +22,13 @@ EXPORT_VERSION = "1"
 #: KV cache element types: ggml's type id and bytes per element.
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
 KV_ITEM_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+#: Tokens per micro-batch: llama.cpp's default, its matrix kernels' sweet spot on the CPU. A
+#: generating context has this many KV cells beyond the engine's budget (``runner.py``).
+UBATCH_TOKENS = 512
+#: Resident beyond the mapped file once a model serves, whatever its size: llama.cpp's
+#: vocabulary (14 MiB), the core's tokenizer (~10 MiB) and the context's buffers. 45-55 MB
+#: at SmolLM2's 49k-token vocabulary, for files of 98 MB to 0.7 GB (``bench/gguf_memory.py``).
+LOAD_OVERHEAD_BYTES = 50_000_000
 
 
 def cpu_has_amx() -> bool:
@@ -67,9 +74,8 @@ class LlamaCppBackend(Backend):
     artifact_format = "gguf"
     requires = ("llama_cpp",)
     install = "pip install 'llmk[llamacpp]'  # compiles llama.cpp, ~7 min on 2 cores"
-    # Resident per byte of GGUF file after warm-up (weights mapped, compute buffers): measured
-    # on SmolLM2 Q4_1, see docs/BENCHMARKS.md.
-    memory_factor: ClassVar[float] = 1.2
+    # Weights are mapped from the file, byte for byte; the rest is LOAD_OVERHEAD_BYTES.
+    memory_factor: ClassVar[float] = 1.0
     # Highest on the CPU for GGUF sources (no conversion, llama.cpp's own kernels); an HF source
     # must first be converted to GGUF, so the graph backends rank above it there.
     speed_rank: ClassVar[dict[str, int]] = {"cpu": 50, "cuda": 80}
@@ -101,8 +107,11 @@ class LlamaCppBackend(Backend):
 
         export_gguf(source, out_dir / MODEL_FILE, dtype=dtype)
 
-    def estimate_memory(self, artifact: Artifact, *, device: str, dtype: str, options: BackendOptions) -> int:
-        return int(gguf_file(artifact).stat().st_size * self.memory_factor)
+    def estimate_memory(self, artifact: Artifact, *, device: str, dtype: str, options: LlamaCppOptions) -> int:
+        extra_cells = 0
+        if artifact.task == "generate":  # the micro-batch of cells beyond the engine's KV budget
+            extra_cells = UBATCH_TOKENS * self.kv_bytes_per_token(artifact.tokenizer_dir, dtype=dtype, options=options)
+        return int(gguf_file(artifact).stat().st_size * self.memory_factor) + LOAD_OVERHEAD_BYTES + extra_cells
 
     def kv_bytes_per_token(self, config_dir: Path, *, dtype: str, options: LlamaCppOptions) -> int:
         from llmk.kv import config_bytes_per_token

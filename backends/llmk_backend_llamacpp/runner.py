@@ -42,7 +42,14 @@ import numpy as np
 from llmk.backend import KVLayout, Runner, SequenceStep
 from llmk.errors import RuntimeFailure, SourceError, UnsupportedError
 from llmk.logs import get_logger
-from llmk_backend_llamacpp.backend import KV_ITEM_BYTES, KV_TYPES, LlamaCppOptions, uses_extra_buffers
+from llmk_backend_llamacpp.backend import (
+    KV_ITEM_BYTES,
+    KV_TYPES,
+    LOAD_OVERHEAD_BYTES,
+    UBATCH_TOKENS,
+    LlamaCppOptions,
+    uses_extra_buffers,
+)
 
 log = get_logger("llmk.llamacpp")
 T = TypeVar("T")
@@ -54,8 +61,6 @@ BATCH_TOKENS = 2048
 #: 0.35-0.50 in ``python bench/draft_cost.py --backend llamacpp`` (SmolLM2 Q4_1, 2 cores;
 #: docs/BENCHMARKS.md), against 0.03-0.25 on the other backends.
 CPU_DRAFT_TOKEN_COST = 0.45
-#: Tokens per micro-batch: llama.cpp's default, its matrix kernels' sweet spot on the CPU.
-UBATCH_TOKENS = 512
 
 _init_lock = threading.Lock()
 _initialized = False
@@ -213,6 +218,8 @@ class LlamaCppRunner(Runner):
         self._memory: ctypes.c_void_p | None = None
         self._blocks_per_slot = 0
         self._batch = _Batch(BATCH_TOKENS)
+        #: KV cells llama.cpp allocated (it writes them all at creation): the budget's and a micro-batch.
+        self.kv_cells = 0
 
     # -- the cache -----------------------------------------------------------------
     def allocate_cache(self, num_blocks: int, num_slots: int, capacity_blocks: int | None = None) -> None:
@@ -224,6 +231,7 @@ class LlamaCppRunner(Runner):
         # before the engine's bookkeeping can give back a rejected draft's cells.
         positions = (capacity_blocks or num_blocks) * BLOCK_SIZE + UBATCH_TOKENS
         self._context = self.model.context(n_ctx=positions, n_seq=num_slots)
+        self.kv_cells = llama.llama_n_ctx(self._context)
         self._memory = llama.llama_get_memory(self._context)
         # The engine allocates its cache once the model and tokenizer are loaded: what their
         # loads parsed and freed (GGUF metadata, tokenizer.json) would stay resident otherwise.
@@ -320,12 +328,15 @@ class LlamaCppRunner(Runner):
             llama.llama_free(context)
 
     def memory_bytes(self) -> int:
-        return self._weights
+        # The engine counts its KV budget; the micro-batch of cells beyond it is the runner's.
+        extra_cells = UBATCH_TOKENS * self.kv_layout.bytes_per_token if self.kv_cells else 0
+        return self._weights + LOAD_OVERHEAD_BYTES + extra_cells
 
     def _close_context(self) -> None:
         if self._context is not None:
             llama.llama_free(self._context)
             self._context = self._memory = None
+            self.kv_cells = 0
 
     def close(self) -> None:
         self._close_context()
@@ -382,7 +393,7 @@ class LlamaCppEncoderRunner(Runner):
         return hidden
 
     def memory_bytes(self) -> int:
-        return self._weights
+        return self._weights + LOAD_OVERHEAD_BYTES
 
     def close(self) -> None:
         if self._context is not None:
