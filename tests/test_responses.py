@@ -261,8 +261,9 @@ def raw_events(lines):
 
 
 def test_raw_events_validate_as_the_sdk_types(daemon):
+    # Greedy, one call: a sampled answer may run past the token limit and end "incomplete".
     body = {"model": "chat", "input": "Weather?", "tools": [WEATHER], "tool_choice": "required",
-            "max_output_tokens": 120, "stream": True}
+            "parallel_tool_calls": False, "max_output_tokens": 120, "temperature": 0, "stream": True}
     with httpx.stream("POST", daemon.url + "/v1/responses", json=body, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = raw_events(response.iter_lines())
