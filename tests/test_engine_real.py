@@ -101,8 +101,8 @@ def test_requests_wait_for_kv_room_and_all_finish_exact(kernel, tiny_llama, hf_g
     seen = []
     stop = threading.Event()
 
-    def watch():
-        while not stop.is_set():
+    def watch():  # a sample a millisecond: a busy loop would starve the engine of the GIL
+        while not stop.wait(0.001):
             stats, backlog = engine.cache_stats(), engine.backlog()
             if stats:
                 seen.append((stats["kv_used_tokens"] + stats["kv_reserved_tokens"], stats["kv_capacity_tokens"],
