@@ -26,7 +26,7 @@ KV_ITEM_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 #: generating context has this many KV cells beyond the engine's budget (``runner.py``).
 UBATCH_TOKENS = 512
 #: Resident beyond the mapped file once a model serves, whatever its size: llama.cpp's
-#: vocabulary (14 MiB), the core's tokenizer (~10 MiB) and the context's buffers. 45-55 MB
+#: vocabulary (14 MiB), the core's tokenizer (10-13 MiB) and the context's buffers. 45-52 MB
 #: at SmolLM2's 49k-token vocabulary, for files of 98 MB to 0.7 GB (``bench/gguf_memory.py``).
 LOAD_OVERHEAD_BYTES = 50_000_000
 
