@@ -217,7 +217,8 @@ class Scheduler:
         self.prefilling = 0
         self.prefill_tokens_pending = 0
         self.steps = 0  # engine steps run, for tests and metrics
-        #: ``time.monotonic()`` of the engine's last sign of life (a step done, or idle).
+        #: ``time.monotonic()`` of the engine's last sign of life (a step done, idle, or work
+        #: arriving at an idle engine).
         self.progress_at = time.monotonic()
         #: (decode rows, prompt tokens) of the most recent steps, last one last.
         self.recent_steps: deque[tuple[int, int]] = deque(maxlen=1024)
@@ -251,6 +252,10 @@ class Scheduler:
                 raise QueueFullError(self.name, len(self._waiting), why=(
                     f"{pending} prompt tokens waiting to be computed; this one's {len(prompt_ids)} would pass "
                     f"its budget of {budget} (max_queued_prompt_tokens)"))
+            if not self._waiting and not self._running:
+                # Idle until now: the stall clock starts with this work, not when the engine
+                # last went idle (else a watchdog pass before the thread wakes fails it).
+                self.progress_at = time.monotonic()
             self._waiting.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"llmk-engine-{self.name}", daemon=True)

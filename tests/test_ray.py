@@ -310,14 +310,19 @@ def test_a_stream_cut_by_a_killed_replica_ends_with_an_error_event(fleet):
     wait_members(process, 2, without=serving[0][0])
 
 
-def under_load(process: ServeProcess, model: str, change) -> tuple[list[int], object]:
-    """Requests for ``model`` from 4 threads all through ``change()``: their statuses, its result."""
+def under_load(process: ServeProcess, model: str, change) -> tuple[list[int], list[str], object]:
+    """Requests for ``model`` from 4 threads all through ``change()``: their statuses, the
+    bodies of those that failed, and its result."""
     stop = threading.Event()
     statuses: list[int] = []
+    failures: list[str] = []
 
     def client() -> None:
         while not stop.is_set():
-            statuses.append(ask(process, model).status_code)
+            response = ask(process, model)
+            statuses.append(response.status_code)
+            if response.status_code != 200:
+                failures.append(response.text)
 
     threads = [threading.Thread(target=client) for _ in range(4)]
     for thread in threads:
@@ -330,7 +335,7 @@ def under_load(process: ServeProcess, model: str, change) -> tuple[list[int], ob
         stop.set()
         for thread in threads:
             thread.join()
-    return statuses, result
+    return statuses, failures, result
 
 
 def test_a_rolling_swap_under_load_fails_no_request(fleet, tiny_llama):
@@ -338,12 +343,12 @@ def test_a_rolling_swap_under_load_fails_no_request(fleet, tiny_llama):
     assert ask(process, "chat").status_code == 200
     before = {v["replica"]: v["version"] for v in admin(process, "GET", "/admin/models").json()["data"]
               if v["name"] == "chat" and v["current"]}
-    statuses, swap = under_load(process, "chat", lambda: admin(
+    statuses, failures, swap = under_load(process, "chat", lambda: admin(
         process, "PUT", "/admin/models/chat", json={"source": str(tiny_llama), "backend": "torch",
                                                      "max_batch_size": 3}))
     assert swap.status_code == 200, swap.text
     assert set(swap.json()["replicas"]) >= set(before)
-    assert statuses and set(statuses) == {200}, statuses
+    assert statuses and set(statuses) == {200}, failures
     after = {v["replica"]: v["version"] for v in admin(process, "GET", "/admin/models").json()["data"]
              if v["name"] == "chat" and v["current"]}
     assert before and set(before) <= set(after)
@@ -356,10 +361,10 @@ def test_a_reload_rolls_out_replica_by_replica(fleet, tiny_llama):
     config["models"]["chat2"]["max_batch_size"] = 5
     config["models"]["extra"] = {"source": str(tiny_llama), "backend": "torch", "max_batch_size": 1}
     path.write_text(json.dumps(config))
-    statuses, reload = under_load(process, "chat2", lambda: admin(process, "POST", "/admin/reload"))
+    statuses, failures, reload = under_load(process, "chat2", lambda: admin(process, "POST", "/admin/reload"))
     assert reload.status_code == 200, reload.text
     assert len(reload.json()["replicas"]) == 2
-    assert set(statuses) == {200}
+    assert set(statuses) == {200}, failures
     assert "extra" in {m.id for m in process.client().models.list()}
     assert ask(process, "extra").status_code == 200
     broken = path.read_text().replace('"models"', '"modelz"')
@@ -401,8 +406,8 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(cluster, fle
                                                           "options": {"delay": 0.05}}})
     try:
         wait_members(process, 1)
-        statuses, _ = under_load(process, "slow", lambda: wait_members(process, 2))
-        assert set(statuses) == {200}
+        statuses, failures, _ = under_load(process, "slow", lambda: wait_members(process, 2))
+        assert set(statuses) == {200}, failures
         wait_members(process, 1)  # idle again: back to min_replicas
     finally:
         process.stop()

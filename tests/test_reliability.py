@@ -67,6 +67,21 @@ def test_a_stalled_engine_is_reported_and_its_requests_fail(gated):
     assert handle.generate("Hello", max_tokens=2).completion_tokens == 2
 
 
+def test_work_arriving_at_a_long_idle_engine_starts_its_stall_clock(gated):
+    """A watchdog pass between a request's arrival and the engine thread taking it up must
+    not count the idle time before it: the request would fail at once (seen under Ray)."""
+    kernel, handle, gate, alerts = gated
+    engine = handle.version.engine
+    engine.scheduler.progress_at -= 100  # idle for 100 s (its thread waits, it writes no more)
+    thread, box = in_thread(handle.generate, "Hello there", max_tokens=4)
+    wait_for(lambda: handle.status()["running"] == 1)  # taken up; its step waits on the gate
+    assert engine.stalled_for() < 50
+    assert kernel.lifecycle.check_stalls(timeout=50) == [] and alerts.seen == []
+    gate.set()
+    thread.join(10)
+    assert box["result"].completion_tokens == 4
+
+
 def test_a_model_that_moves_is_never_reported(gated):
     kernel, handle, gate, alerts = gated
     gate.set()
