@@ -24,8 +24,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-
-PROMPT = "The capital of France is"
+from typing import Any
 
 #: Published shapes (hidden, intermediate, layers, heads, KV heads) on SmolLM2's vocabulary.
 SHAPES = {
@@ -87,22 +86,16 @@ def write_synthetic(shape: str, cache_root: Path) -> Path:
 
 def measure(source: str, passes: list[str]) -> dict:
     from llmk_backend_llamacpp.backend import gguf_file
+    from memory import load_growth  # bench/memory.py: the same measurement, per backend
 
-    import llmk
-    from llmk.memory import process_rss
-
-    with llmk.Kernel(autoload=False) as kernel:
-        kernel.load("warm", source, backend="llamacpp", passes=passes)  # imports, conversions: not measured
-        kernel.unload("warm")
-        baseline = process_rss()
-        model = kernel.load("m", source, backend="llamacpp", passes=passes)
-        model.generate(PROMPT, max_tokens=4)
-        grew = process_rss() - baseline
+    def cells_and_file(model: Any) -> dict:
         runner = model.version.engine.runner
-        kv = runner.kv_cells * runner.kv_layout.bytes_per_token
-        file = gguf_file(model.version.artifact).stat().st_size
-        kernel.unload("m")
-    return {"file": file, "grew": grew, "kv": kv, "ratio": (grew - kv) / file}
+        kv = runner.kv_cells * runner.kv_layout.bytes_per_token if runner.kv_layout else 0  # encoders: none
+        return {"kv": kv,
+                "file": gguf_file(model.version.artifact).stat().st_size}
+
+    found = load_growth(source, "llamacpp", passes, cells_and_file)
+    return {**found, "ratio": (found["grew"] - found["kv"]) / found["file"]}
 
 
 def main() -> int:

@@ -14,26 +14,42 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 PROMPT = "The capital of France is"
 
 
-def measure(backend: str, passes: list[str]) -> dict:
+def load_growth(source: str, backend: str, passes: list[str], inspect: Callable[[Any], dict]) -> dict:
+    """How much the process grew over a load of ``source``, its warm-up and a 4-token
+    request or an embedding (imports and caches warmed by a load before, not measured), what
+    ``inspect(model)`` read from the loaded model, and the share of the growth that
+    unloading it gave back."""
     import llmk
     from llmk.memory import process_rss
 
     with llmk.Kernel() as kernel:
-        kernel.load("warm", "builtin:smollm2", backend=backend, passes=passes)  # imports and caches, not measured
+        kernel.load("warm", source, backend=backend, passes=passes)
         kernel.unload("warm")
         baseline = process_rss()
-        model = kernel.load("m", "builtin:smollm2", backend=backend, passes=passes)
-        model.generate(PROMPT, max_tokens=4)
+        model = kernel.load("m", source, backend=backend, passes=passes)
+        if model.version.artifact.task == "embed":
+            model.embed([PROMPT])
+        else:
+            model.generate(PROMPT, max_tokens=4)
         loaded = process_rss()
-        status = model.status()
+        found = inspect(model)
         kernel.unload("m")
         released = process_rss()
-    return {"estimate": status["memory_estimate_bytes"], "reported": status["memory_bytes"],
-            "grew": loaded - baseline, "released": (loaded - released) / (loaded - baseline)}
+    return {**found, "grew": loaded - baseline, "released": (loaded - released) / (loaded - baseline)}
+
+
+def measure(backend: str, passes: list[str]) -> dict:
+    def reported(model: Any) -> dict:
+        status = model.status()
+        return {"estimate": status["memory_estimate_bytes"], "reported": status["memory_bytes"]}
+
+    return load_growth("builtin:smollm2", backend, passes, reported)
 
 
 def main() -> int:

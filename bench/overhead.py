@@ -89,9 +89,9 @@ def row(kernel, backend: str, args: argparse.Namespace) -> str:  # noqa: ANN001 
 
         ways["runtime"] = hf_generate(as_hf(model.version.plan.source, kernel.cache).path, args.tokens)
     elif backend == "llamacpp":
-        from llmk.bench.peers import served_gguf
+        from llmk_backend_llamacpp.backend import gguf_file
 
-        ways["runtime"] = llama_cpp_generate(served_gguf(model.version.artifact.path), ids, args.tokens)
+        ways["runtime"] = llama_cpp_generate(gguf_file(model.version.artifact), ids, args.tokens)
     figures = {name: Figure() for name in ways}
     for way in ways.values():  # warm-up
         way()

@@ -104,7 +104,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import llmk
-    from llmk.bench.peers import llama_cpp_python_decode_rate, served_gguf
+    from llmk.bench.peers import llama_cpp_python_decode_rate
 
     settings = {"off": {"method": "off"}}
     for text in args.speculative or ["default"]:
@@ -131,8 +131,12 @@ def main() -> int:
         first = next(iter(models.values()))
         gguf = None
         if args.llama_cpp_python:  # the file llamacpp runs (a pass's output too), else the source
-            served = served_gguf(first.version.artifact.path) if args.backend == "llamacpp" else None
-            gguf = served or first.version.plan.source.path
+            if args.backend == "llamacpp":
+                from llmk_backend_llamacpp.backend import gguf_file
+
+                gguf = gguf_file(first.version.artifact)
+            else:
+                gguf = first.version.plan.source.path
         if gguf is not None and gguf.suffix != ".gguf":
             raise SystemExit(f"--llama-cpp-python needs a GGUF source; {args.model} is not one")
         for _ in range(args.runs):

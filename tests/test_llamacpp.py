@@ -130,7 +130,7 @@ def test_the_gguf_file_is_the_artifact(smollm2, gguf_path):
     assert runner.kv_cells == status["kv_capacity_tokens"] + UBATCH_TOKENS
     # The budget: the mapped file, the load's fixed overhead, the micro-batch of cells beyond
     # the engine's, and the KV cache in llama.cpp's own f16, not the fp32 of the dtype.
-    model = artifact.path.stat().st_size + LOAD_OVERHEAD_BYTES + UBATCH_TOKENS * layout.bytes_per_token
+    model = artifact.path.stat().st_size + LOAD_OVERHEAD_BYTES["generate"] + UBATCH_TOKENS * layout.bytes_per_token
     assert status["memory_estimate_bytes"] - status["kv_capacity_tokens"] * layout.bytes_per_token == model
     assert status["memory_bytes"] - status["kv_capacity_tokens"] * layout.bytes_per_token == model
     assert layout.bytes_per_token == 30 * 2 * 3 * 64 * 2  # SmolLM2: layers, k and v, kv heads, head dim, f16

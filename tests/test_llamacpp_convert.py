@@ -224,7 +224,13 @@ def test_tiny_bert_converted_matches_torch(kernel, tiny_bert):
     reference = kernel.load("bert-torch", source=str(tiny_bert), backend="torch")
     texts = ["The cat walks to the river.", "Yesterday the dog slept under a big tree while the sun was high."]
     np.testing.assert_allclose(converted.embed(texts), reference.embed(texts), atol=1e-4)
-    fields, types = read_gguf(gguf_file(converted.version.artifact))
+    path = gguf_file(converted.version.artifact)
+    # An encoder's budget: the file and an encoder's load overhead (no KV cache, no decoder's).
+    from llmk_backend_llamacpp.backend import LOAD_OVERHEAD_BYTES
+
+    status, budget = converted.status(), path.stat().st_size + LOAD_OVERHEAD_BYTES["embed"]
+    assert status["memory_estimate_bytes"] == status["memory_bytes"] == budget
+    fields, types = read_gguf(path)
     assert fields["general.architecture"] == "bert" and fields["tokenizer.ggml.model"] == "bert"
     assert fields["bert.pooling_type"] == gguf.PoolingType.MEAN
     for text in texts:

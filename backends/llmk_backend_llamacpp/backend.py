@@ -25,10 +25,11 @@ KV_ITEM_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 #: Tokens per micro-batch: llama.cpp's default, its matrix kernels' sweet spot on the CPU. A
 #: generating context has this many KV cells beyond the engine's budget (``runner.py``).
 UBATCH_TOKENS = 512
-#: Resident beyond the mapped file once a model serves, whatever its size: llama.cpp's
-#: vocabulary (14 MiB), the core's tokenizer (10-13 MiB) and the context's buffers. 45-52 MB
-#: at SmolLM2's 49k-token vocabulary, for files of 98 MB to 0.7 GB (``bench/gguf_memory.py``).
-LOAD_OVERHEAD_BYTES = 50_000_000
+#: Resident beyond the mapped file once a model serves, whatever its size, by task: llama.cpp's
+#: vocabulary, the core's tokenizer and the context's buffers (``bench/gguf_memory.py``). A
+#: decoder at SmolLM2's 49k-token vocabulary 41-52 MB (vocabulary 14 MiB, tokenizer 10-13 MiB),
+#: for files of 98 MB to 0.7 GB; MiniLM's encoder (30k WordPiece tokens, no KV cache) 16 MB.
+LOAD_OVERHEAD_BYTES = {"generate": 50_000_000, "embed": 20_000_000}
 
 
 def cpu_has_amx() -> bool:
@@ -111,7 +112,8 @@ class LlamaCppBackend(Backend):
         extra_cells = 0
         if artifact.task == "generate":  # the micro-batch of cells beyond the engine's KV budget
             extra_cells = UBATCH_TOKENS * self.kv_bytes_per_token(artifact.tokenizer_dir, dtype=dtype, options=options)
-        return int(gguf_file(artifact).stat().st_size * self.memory_factor) + LOAD_OVERHEAD_BYTES + extra_cells
+        weights = int(gguf_file(artifact).stat().st_size * self.memory_factor)
+        return weights + LOAD_OVERHEAD_BYTES[artifact.task] + extra_cells
 
     def kv_bytes_per_token(self, config_dir: Path, *, dtype: str, options: LlamaCppOptions) -> int:
         from llmk.kv import config_bytes_per_token

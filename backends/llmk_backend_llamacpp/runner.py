@@ -330,7 +330,7 @@ class LlamaCppRunner(Runner):
     def memory_bytes(self) -> int:
         # The engine counts its KV budget; the micro-batch of cells beyond it is the runner's.
         extra_cells = UBATCH_TOKENS * self.kv_layout.bytes_per_token if self.kv_cells else 0
-        return self._weights + LOAD_OVERHEAD_BYTES + extra_cells
+        return self._weights + LOAD_OVERHEAD_BYTES[self.task] + extra_cells
 
     def _close_context(self) -> None:
         if self._context is not None:
@@ -393,7 +393,7 @@ class LlamaCppEncoderRunner(Runner):
         return hidden
 
     def memory_bytes(self) -> int:
-        return self._weights + LOAD_OVERHEAD_BYTES
+        return self._weights + LOAD_OVERHEAD_BYTES[self.task]
 
     def close(self) -> None:
         if self._context is not None:

@@ -102,17 +102,6 @@ def gguf_file(source: str) -> Path | None:
     return None
 
 
-def served_gguf(artifact_path: Path) -> Path | None:
-    """The GGUF file a llamacpp model runs: its artifact is the file itself (a GGUF source
-    passed through) or a folder holding it (a pass's output, a conversion)."""
-    from llmk_backend_llamacpp.backend import MODEL_FILE
-
-    if artifact_path.is_file():
-        return artifact_path if artifact_path.suffix == ".gguf" else None
-    inside = artifact_path / MODEL_FILE
-    return inside if inside.is_file() else None
-
-
 def openvino_settings() -> dict[str, str]:
     """The properties llmk's openvino backend compiles with (fp32), as strings."""
     from llmk_backend_openvino.backend import OpenVINOOptions
